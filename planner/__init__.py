@@ -1,0 +1,1 @@
+"""ditplan's planner: enumerate, prune, rank and explain hybrid configurations; the CLI."""
