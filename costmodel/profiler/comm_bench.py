@@ -1,0 +1,157 @@
+"""Communication measurements over torch.distributed (gloo on CPUs, NCCL where CUDA is present):
+point-to-point, all-to-all and all-gather from 4 KiB to 64 MiB per rank, for one process count.
+
+One group of processes per process count (spawned, one thread each); rank 0 reports every
+(pattern, bytes) sample through a queue. The time of one sample is the slowest rank's, per
+repetition, after a barrier; the median over repetitions is kept. Sizes are the bytes each rank
+contributes, as the cost model's communication tables count them: its send buffer for all-to-all
+and point-to-point (every rank sends to the next in a ring and receives from the previous), its
+input slab for all-gather.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import queue as queue_module
+import socket
+import statistics
+import time
+from typing import Callable
+
+from costmodel.errors import DitplanError
+
+PATTERNS = ("p2p", "all_to_all", "all_gather")
+SIZES = tuple(4096 * 4**e for e in range(8))  # 4 KiB .. 64 MiB
+START_TIMEOUT_S = 120.0  # spawning processes that import torch takes ~5-10 s each on a loaded machine
+
+
+ROUNDS = 2
+
+
+def repeats_for(nbytes: int) -> int:
+    """Repetitions over all rounds: many for latency-bound messages (cheap, and their times have a
+    long tail when other processes share the cores), few for 64 MiB."""
+    return 40 if nbytes <= 65536 else 12 if nbytes <= 4 * 2**20 else 4
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _operation(pattern: str, nbytes: int, rank: int, world: int, device: str) -> Callable[[], None]:
+    import torch
+    import torch.distributed as dist
+
+    elements = max(world, nbytes // 4 // world * world)  # all-to-all splits evenly over the ranks
+    send = torch.ones(elements, device=device)
+    if pattern == "all_to_all":
+        receive = torch.empty_like(send)
+        return lambda: dist.all_to_all_single(receive, send)
+    if pattern == "all_gather":
+        parts = [torch.empty_like(send) for _ in range(world)]
+        return lambda: dist.all_gather(parts, send)
+    receive = torch.empty_like(send)
+    target, source = (rank + 1) % world, (rank - 1) % world
+
+    def exchange() -> None:
+        requests = [dist.isend(send, target), dist.irecv(receive, source)]
+        for request in requests:
+            request.wait()
+
+    return exchange
+
+
+def _worker(rank: int, world: int, port: int, backend: str, sizes: tuple[int, ...], results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    sync = (lambda: torch.cuda.synchronize()) if backend == "nccl" else (lambda: None)
+    times: dict[tuple[str, int], list[float]] = {}
+    try:
+        # Rounds over the whole sweep rather than all repetitions of one size in a row, so a burst of
+        # load from elsewhere on the machine spreads over many sizes instead of ruining one.
+        for _ in range(ROUNDS):
+            for pattern in PATTERNS:
+                for nbytes in sizes:
+                    call = _operation(pattern, nbytes, rank, world, device)
+                    call()
+                    sync()
+                    for _ in range(max(1, repeats_for(nbytes) // ROUNDS)):
+                        dist.barrier()
+                        start = time.perf_counter()
+                        call()
+                        sync()
+                        times.setdefault((pattern, nbytes), []).append(time.perf_counter() - start)
+                    if rank == 0:
+                        results.put(("tick",))
+        for (pattern, nbytes), series in times.items():
+            slowest = torch.tensor(series, dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            if rank == 0:
+                results.put(("sample", pattern, nbytes, statistics.median(slowest.tolist())))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        results.put(("done",))
+
+
+def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] = SIZES,
+            tick: Callable[[], None] = lambda: None) -> dict[str, list[tuple[int, float]]]:
+    """{pattern: [(bytes per rank, seconds), ...]} for `world` processes; `tick` is called
+    `ROUNDS x len(PATTERNS) x len(sizes)` times as the measurement advances.
+
+    Ctrl-C or SIGTERM (turned into KeyboardInterrupt by the caller) stops every worker it started.
+    """
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    workers = [context.Process(target=_worker, args=(rank, world, port, backend, sizes, results), daemon=True)
+               for rank in range(world)]
+    samples: dict[str, list[tuple[int, float]]] = {pattern: [] for pattern in PATTERNS}
+    expected = len(PATTERNS) * len(sizes)
+    received = 0
+    last_news = time.monotonic()
+    try:
+        for worker in workers:
+            worker.start()
+        while True:
+            try:
+                message = results.get(timeout=0.5)
+            except queue_module.Empty:
+                failed = [(rank, w.exitcode) for rank, w in enumerate(workers) if w.exitcode not in (None, 0)]
+                if failed:
+                    rank, code = failed[0]
+                    raise DitplanError(f"communication measurement on {world} processes failed: rank {rank} exited "
+                                       f"with code {code} (is the {backend} backend usable here?).")
+                if time.monotonic() - last_news > START_TIMEOUT_S:
+                    raise DitplanError(f"communication measurement on {world} processes made no progress for "
+                                       f"{START_TIMEOUT_S:.0f} s; stopped it.")
+                continue
+            last_news = time.monotonic()
+            if message[0] == "done":
+                break
+            if message[0] == "tick":
+                tick()
+                continue
+            _, pattern, nbytes, seconds = message
+            samples[pattern].append((nbytes, seconds))
+            received += 1
+        for worker in workers:
+            worker.join(timeout=30)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers:
+            worker.join(timeout=5)
+    if received != expected:
+        raise DitplanError(f"communication measurement on {world} processes returned {received} of {expected} samples.")
+    return samples

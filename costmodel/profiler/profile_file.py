@@ -1,0 +1,144 @@
+"""The profile file: assembling the cluster YAML from measurements, and writing it atomically.
+
+The file has the schema of profiles/clusters/*.yaml (costmodel.topology) with the hardware given
+inline (this machine's "GPU" is one process with one thread, not a built-in GPU type) and a
+`measured:` section (costmodel.measured) that takes precedence over the roofline figures.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from costmodel.profiler.fit import LinearFit
+
+
+def _round(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float, l2_cache_mb: float, host_op_us: float,
+                  gemm: list[list[float]], attention: list[list[float]], elementwise: list[list[float]],
+                  communication: dict[tuple[str, int], list[list[float]]], fits: dict[tuple[str, int], LinearFit],
+                  backend: str) -> dict[str, Any]:
+    """The profile as a mapping, ready for YAML. Tables are [size, seconds] points."""
+    gemm_peak = max(size / seconds for size, seconds in gemm)
+    attention_peak = max(size / seconds for size, seconds in attention)
+    # The streaming rate of passes that stay in the cache hierarchy up to DRAM (1-16 MiB); bigger
+    # temporaries get fresh pages from the kernel, which the elementwise table itself captures.
+    streaming = [size / seconds for size, seconds in elementwise if 2**20 <= size <= 2**24] or \
+        [size / seconds for size, seconds in elementwise]
+    ranks = sorted({count for _, count in communication})
+    p2p_fit = fits.get(("p2p", ranks[0]))
+    a2a_fit = fits.get(("all_to_all", ranks[0]))
+    link_bandwidth = p2p_fit.bandwidth_gbs if p2p_fit else 1.0
+    a2a_fraction = min(1.0, a2a_fit.bandwidth_gbs / link_bandwidth) if (a2a_fit and p2p_fit) else 1.0
+    # gpu -> switch -> gpu: the fitted point-to-point latency splits over the route's two hops.
+    hop_latency_us = (p2p_fit.latency_s * 1e6 / 2) if p2p_fit else 50.0
+    comm_entries = []
+    for (pattern, count), points in sorted(communication.items(), key=lambda item: (item[0][1], item[0][0])):
+        entry: dict[str, Any] = {"pattern": pattern, "ranks": count, "points": points}
+        if (pattern, count) in fits:
+            entry["notes"] = fits[(pattern, count)].describe()
+        comm_entries.append(entry)
+    taken = machine["taken"]
+    return {
+        "id": profile_id,
+        "description": (f"this machine ({machine['cpu']}, {machine['cpus']} CPUs) as `ditplan profile` measured it "
+                        f"on {taken}: each GPU is one process with one thread, {backend} over loopback"),
+        "source": f"ditplan profile, {taken}, torch {machine['torch']}",
+        "hardware": {
+            "id": f"cpu-thread-{machine['fingerprint']}",
+            "name": f"{machine['cpu']} (one thread)",
+            "source": "measured by ditplan profile: peak = the best single-thread GEMM rate it saw, so the "
+                      "efficiencies are relative to that; memory = RAM / logical CPUs",
+            "peak_tflops": _round(gemm_peak / 1e12),
+            "matmul_efficiency": 1.0,
+            "attention_efficiency": _round(min(1.0, attention_peak / gemm_peak)),
+            "memory_bandwidth_gbs": _round(sorted(streaming)[len(streaming) // 2] / 1e9),
+            "memory_efficiency": 1.0,
+            "memory_gb": _round(memory_gb),
+            "sm_count": 1,
+            "l2_cache_mb": _round(l2_cache_mb),
+        },
+        "nodes": 1,
+        "node": {
+            "sockets": 1,
+            "switches_per_socket": 1,
+            "gpus_per_switch": max(ranks),
+            "p2p": True,
+            "collective_launch_us": 0,
+            "host_op_us": _round(host_op_us),
+            "links": {
+                "pcie": {
+                    "bandwidth_gbs": _round(link_bandwidth),
+                    "efficiency": 1.0,
+                    "alltoall_efficiency": _round(a2a_fraction),
+                    "latency_us": _round(hop_latency_us),
+                    "source": f"{backend} over loopback between processes, fitted by ditplan profile "
+                              f"(point-to-point on {ranks[0]} processes); used only where no measured table applies",
+                },
+            },
+        },
+        "measured": {
+            "source": f"ditplan profile, {taken}",
+            "machine": machine,
+            "operations": {
+                "serial_host": True,
+                "gemm": {"points": gemm, "notes": "torch.matmul at DiT block shapes, by FLOPs (2 m k n)"},
+                "attention": {"points": attention, "notes": "SDPA forward, by FLOPs (4 x batch x heads x q x k x d)"},
+                "elementwise": {"points": elementwise, "notes": "seconds of one pass (read or write) by its bytes"},
+            },
+            "communication": comm_entries,
+        },
+    }
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while the block runs, so `kill` unwinds like Ctrl-C does
+    (workers stopped, temporary file removed) instead of dying mid-write."""
+
+    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_atomically(path: str | Path, profile: dict[str, Any], check=None) -> Path:
+    """Write `profile` next to `path` under a temporary name, check it (`check(temp_path)` may raise),
+    then rename it into place: readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.yaml", dir=path.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write("# Written by `ditplan profile`; schema: profiles/clusters/*.yaml + costmodel/measured.py\n")
+            # Flow style for the innermost lists: one [size, seconds] point per line.
+            yaml.safe_dump(profile, stream, sort_keys=False, width=120, default_flow_style=None)
+            stream.flush()
+            os.fsync(stream.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes the file private; a profile is ordinary data
+        if check is not None:
+            check(temp)
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return path

@@ -1,0 +1,149 @@
+"""Orchestration of `ditplan profile`: compute on this process's thread, communication on groups of
+spawned processes, fits, then the profile file written atomically and checked by the cost model's
+own loader before it replaces anything.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from costmodel.errors import DitplanError
+from costmodel.measured import cpu_model, installed_torch_version, machine_fingerprint
+from costmodel.profiler import comm_bench, compute_bench, fit
+from costmodel.profiler.profile_file import build_profile, sigterm_as_interrupt, write_atomically
+
+# The cost model's operator count for a PixArt block (costmodel.compute), which the host-cost
+# measurement divides a real diffusers PixArt block's time by.
+PIXART_BLOCK_OPERATORS = 30
+
+
+@dataclass
+class ProfileReport:
+    path: Path
+    lines: list[str] = field(default_factory=list)
+
+
+def memory_gb() -> float:
+    """Total RAM (GB, 10^9 bytes) from /proc/meminfo, or a page-count estimate elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def l2_cache_mb() -> float:
+    """One core's L2 cache (MB) from sysfs; 1 MB where it cannot be read (only the roofline fallback
+    uses it: the measured elementwise table already includes cache effects)."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip().upper()
+        scale = {"K": 1024, "M": 2**20}.get(text[-1:], 1)
+        return int(text.rstrip("KM")) * scale / 1e6
+    except (OSError, ValueError):
+        return 1.0
+
+
+def parse_process_counts(text: str) -> tuple[int, ...]:
+    """'2,4' -> (2, 4); each count an integer >= 2 (communication needs two processes)."""
+    counts = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 2:
+            raise DitplanError(f"--nproc {text!r}: {part!r} is not allowed; give process counts >= 2 separated by commas, e.g. 2,4.")
+        counts.append(int(part))
+    return tuple(sorted(set(counts)))
+
+
+def default_process_counts() -> tuple[int, ...]:
+    """2 and 4 where the machine has the cores for them (one thread per process)."""
+    cores = os.cpu_count() or 2
+    return tuple(n for n in (2, 4) if n <= cores) or (2,)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        class Silent:
+            def update(self, n: int = 1) -> None: ...
+            def set_description(self, text: str) -> None: ...
+            def close(self) -> None: ...
+        return Silent()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="profiling", unit="measurement", leave=False)
+
+
+def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = None, progress: bool = True,
+                    check: Callable[[Path], object] | None = None) -> ProfileReport:
+    """Measure this machine and write its profile to `out`; returns the path and a summary.
+
+    `check(temp_path)` validates the written file before it replaces `out` (the CLI loads it with
+    costmodel.load_cluster). An interrupt (Ctrl-C, SIGTERM) leaves `out` as it was.
+    """
+    import torch
+
+    counts = default_process_counts() if process_counts is None else tuple(process_counts)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = "bfloat16" if cuda else "float32"
+    backend = "nccl" if cuda and max(counts) <= torch.cuda.device_count() else "gloo"
+    total = (len(compute_bench.GEMM_SHAPES) + len(compute_bench.ATTENTION_SHAPES) + len(compute_bench.ELEMENTWISE_BYTES) + 1
+             + sum(comm_bench.ROUNDS * len(comm_bench.PATTERNS) * len(comm_bench.SIZES) for _ in counts))
+    threads = torch.get_num_threads()
+    bar = _progress(total, progress)
+    with sigterm_as_interrupt():
+        try:
+            torch.set_num_threads(1)
+            bar.set_description("compute: GEMM")
+            gemm = compute_bench.gemm_samples(tick=bar.update, device=device, dtype=dtype)
+            bar.set_description("compute: attention")
+            attention = compute_bench.attention_samples(tick=bar.update, device=device, dtype=dtype)
+            bar.set_description("compute: elementwise")
+            elementwise = compute_bench.elementwise_samples(tick=bar.update, device=device, dtype=dtype)
+            bar.set_description("compute: operator host cost")
+            host_op_s = compute_bench.host_op_seconds(PIXART_BLOCK_OPERATORS)
+            bar.update()
+            communication: dict[tuple[str, int], list[tuple[int, float]]] = {}
+            for count in counts:
+                bar.set_description(f"communication: {count} processes ({backend})")
+                for pattern, samples in comm_bench.measure(count, backend, tick=bar.update).items():
+                    communication[(pattern, count)] = samples
+        finally:
+            torch.set_num_threads(threads)
+            bar.close()
+        fits = {key: fit.fit_latency_bandwidth(*zip(*sorted(samples))) for key, samples in communication.items()}
+        machine = {
+            "fingerprint": machine_fingerprint(),
+            "cpu": cpu_model(),
+            "cpus": os.cpu_count() or 1,
+            "torch": installed_torch_version() or torch.__version__,
+            "taken": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        if cuda:
+            machine["accelerator"] = torch.cuda.get_device_name(0)
+        gemm_points = fit.binned_table((s.size, s.seconds) for s in gemm)
+        attention_points = fit.binned_table((s.size, s.seconds) for s in attention)
+        elementwise_points = fit.monotone_points((s.size, s.seconds) for s in elementwise)
+        profile = build_profile(
+            profile_id=f"profiled-{machine['fingerprint']}", machine=machine,
+            memory_gb=memory_gb() / (os.cpu_count() or 1) if not cuda else torch.cuda.get_device_properties(0).total_memory / 1e9,
+            l2_cache_mb=torch.cuda.get_device_properties(0).L2_cache_size / 1e6 if cuda else l2_cache_mb(),
+            host_op_us=host_op_s * 1e6, gemm=gemm_points, attention=attention_points, elementwise=elementwise_points,
+            communication={key: fit.monotone_points(samples) for key, samples in communication.items()},
+            fits=fits, backend=backend,
+        )
+        path = write_atomically(out, profile, check=check)
+    lines = [
+        fit.rate_summary(gemm_points, 1e9, "GEMM GFLOP/s by FLOPs"),
+        fit.rate_summary(attention_points, 1e9, "attention GFLOP/s by FLOPs"),
+        fit.rate_summary(elementwise_points, 1e9, "elementwise GB/s per pass by bytes"),
+        f"host cost per eager operator (diffusers block): {host_op_s * 1e6:.1f} us",
+    ]
+    for (pattern, count), result in sorted(fits.items(), key=lambda item: (item[0][1], item[0][0])):
+        lines.append(f"{pattern} on {count} processes: {result.describe()}")
+    return ProfileReport(path=path, lines=lines)

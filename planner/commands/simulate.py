@@ -1,0 +1,145 @@
+"""`ditplan simulate`: predicted latency, memory and breakdown of one configuration (or of many rows
+from a CSV with --batch), optionally with a Chrome-trace timeline of every rank."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from costmodel.errors import DitplanError
+from planner.commands import common
+
+HELP = "predict latency, memory and timeline of one configuration"
+BATCH_COLUMNS = ("model", "height", "width", "frames", "steps", "cluster", "gpus", "config")
+BATCH_OUTPUT = ("latency_s", "memory_gib", "feasible", "reason")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_model_arguments(parser, required=False)
+    common.add_cluster_arguments(parser, required=False)
+    common.add_config_argument(parser, required=False)
+    parser.add_argument("--trace", metavar="OUT.json", help="write a Chrome-trace/Perfetto timeline of every rank")
+    parser.add_argument("--batch", metavar="ROWS.csv",
+                        help="evaluate every row of a CSV (columns: " + ",".join(BATCH_COLUMNS) + ")")
+    common.add_format_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch:
+        return _run_batch(args)
+    missing = [flag for flag, value in (("--model", args.model), ("--cluster", args.cluster), ("--config", args.config))
+               if not value]
+    if missing:
+        raise DitplanError(f"missing {', '.join(missing)}; `ditplan simulate` needs --model, --cluster and --config "
+                           "(or --batch ROWS.csv).")
+    from costmodel import simulate
+
+    generation = common.generation_from_args(args)
+    config = common.parse_config(args.config)
+    cluster = common.load_cluster_for(args.cluster, args.gpus if args.gpus is not None else config.world_size, args.nodes)
+    placement = common.parse_placement(config, args.placement)
+    result = simulate(generation.model, cluster, config, placement=placement, trace=bool(args.trace),
+                      **generation.as_kwargs())
+    if args.trace:
+        _write_trace(Path(args.trace), result.trace)
+    if args.format == "json":
+        common.print_json(result.to_dict())
+    else:
+        print(_table(result, cluster))
+        if args.trace:
+            print(f"trace: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
+def _write_trace(path: Path, events: list) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    except OSError as error:
+        raise DitplanError(f"--trace {path}: cannot write the file ({error.strerror}).") from None
+
+
+def _table(result, cluster) -> str:
+    lines = [
+        f"model      {result.model}  {result.width}x{result.height}"
+        + (f"x{result.frames} frames" if result.frames > 1 else "") + f", {result.steps} steps",
+        f"cluster    {result.cluster}: {result.gpus} x {cluster.hardware.name} on {cluster.nodes} node(s)",
+        f"config     {result.config}",
+        f"placement  {','.join(result.placement)} (innermost first)",
+        "",
+        f"latency    {result.latency_s:.3f} s  (denoising loop; {result.per_step_s * 1e3:.1f} ms per step"
+        + (" after warmup)" if "warmup_s" in result.breakdown else ")"),
+        f"memory     {result.memory_gib:.1f} GiB per GPU of {result.memory_capacity_gib:.1f} GiB",
+        f"feasible   {'yes' if result.feasible else 'no: ' + result.reason}",
+        f"outside    text encoding {result.text_encode_s:.3f} s, VAE decode {result.vae_decode_s:.3f} s (not in latency)",
+        "",
+    ]
+    rows = [(key.removesuffix("_s"), value, 100.0 * value / result.latency_s if result.latency_s else 0.0)
+            for key, value in result.breakdown.items()]
+    lines.append(common.format_table(rows, ("breakdown", "seconds", "% of latency")))
+    if result.comm_by_tier:
+        lines.append("")
+        tiers = [(tier, seconds) for tier, seconds in sorted(result.comm_by_tier.items(), key=lambda kv: -kv[1])]
+        lines.append(common.format_table(tiers, ("exposed comm by tier", "seconds")))
+    lines.append("")
+    memory = [(key.removesuffix("_gib").replace("_", " "), value) for key, value in result.memory.items()]
+    lines.append(common.format_table(memory, ("memory per GPU", "GiB")))
+    return "\n".join(lines)
+
+
+def _batch_row(row: dict[str, str], number: int) -> dict[str, object]:
+    from costmodel import simulate
+
+    out: dict[str, object] = dict(row)
+    try:
+        missing = [c for c in BATCH_COLUMNS if c not in ("height", "width", "frames", "steps", "gpus")
+                   and not (row.get(c) or "").strip()]
+        if missing:
+            raise DitplanError(f"row {number}: empty {missing[0]!r}.")
+
+        def optional_int(key: str) -> int | None:
+            text = (row.get(key) or "").strip()
+            if not text:
+                return None
+            try:
+                return int(text)
+            except ValueError:
+                raise DitplanError(f"row {number}: {key}={text!r} is not an integer.") from None
+
+        generation = common.resolve_generation(row["model"].strip(), optional_int("height"), optional_int("width"),
+                                               optional_int("frames"), optional_int("steps"))
+        config = common.parse_config(row["config"])
+        gpus = optional_int("gpus")
+        cluster = common.load_cluster_for(row["cluster"].strip(), gpus if gpus is not None else config.world_size, None)
+        result = simulate(generation.model, cluster, config, **generation.as_kwargs())
+        out.update(latency_s=result.latency_s, memory_gib=result.memory_gib, feasible=result.feasible,
+                   reason=result.reason)
+    except DitplanError as error:
+        out.update(latency_s=None, memory_gib=None, feasible=False, reason=str(error))
+    return out
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    path = Path(args.batch)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise DitplanError(f"--batch {path}: cannot read the file ({error.strerror}).") from None
+    reader = csv.DictReader(io.StringIO(text))
+    fields = reader.fieldnames or []
+    missing = [c for c in BATCH_COLUMNS if c not in fields]
+    if missing:
+        raise DitplanError(f"--batch {path}: missing column {missing[0]!r}; the columns are {','.join(BATCH_COLUMNS)}.")
+    results = [_batch_row(row, number) for number, row in enumerate(reader, start=1)]
+    if args.format == "json":
+        common.print_json(results)
+        return 0
+    writer = csv.DictWriter(sys.stdout, fieldnames=[*fields, *[c for c in BATCH_OUTPUT if c not in fields]],
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in results:
+        writer.writerow({key: ("" if value is None else value) for key, value in row.items()})
+    return 0
