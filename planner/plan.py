@@ -17,7 +17,7 @@ from costmodel.errors import DitplanError
 
 SCHEMA = "ditplan.plan/1"
 _REQUIRED = ("schema", "model", "height", "width", "frames", "steps", "cluster", "gpus", "config", "placement")
-_OPTIONAL = ("ranks", "predicted", "explanation")
+_OPTIONAL = ("ranks", "predicted", "explanation", "nodes")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Plan:
     placement: Placement
     predicted: dict[str, Any] = field(default_factory=dict)
     explanation: list[str] = field(default_factory=list)
+    nodes: int | None = None  # replicas of a node-shaped cluster (`--nodes`); None: the cluster file's own count
 
     def __post_init__(self) -> None:
         if self.config.world_size != self.gpus:
@@ -57,6 +58,7 @@ class Plan:
             "ranks": self.placement.table(),
             "predicted": self.predicted,
             "explanation": self.explanation,
+            **({} if self.nodes is None else {"nodes": self.nodes}),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -86,7 +88,7 @@ class Plan:
         unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
         if unknown:
             raise DitplanError(f"{source}: unknown key(s) {', '.join(unknown)}.")
-        for key in ("height", "width", "frames", "steps", "gpus"):
+        for key in ("height", "width", "frames", "steps", "gpus", *(("nodes",) if "nodes" in data else ())):
             if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1:
                 raise DitplanError(f"{source}: {key}={data[key]!r} must be an integer >= 1.")
         config = ParallelConfig.parse(data["config"])
@@ -97,7 +99,7 @@ class Plan:
             model=str(data["model"]), height=data["height"], width=data["width"], frames=data["frames"],
             steps=data["steps"], cluster=str(data["cluster"]), gpus=data["gpus"], config=config,
             placement=placement, predicted=dict(data.get("predicted") or {}),
-            explanation=list(data.get("explanation") or []),
+            explanation=list(data.get("explanation") or []), nodes=data.get("nodes"),
         )
 
     @classmethod

@@ -1,0 +1,65 @@
+"""`ditplan run`: run a plan for real. It starts `python -m executor` (which wraps torchrun) as a
+subprocess with the same arguments, so the planner never imports torch or the executor.
+
+The flags are defined here, once; the executor's launcher builds its parser from `add_arguments`.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+HELP = "run a plan for real under torchrun (executor)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="M|PATH",
+                        help="model: a tiny id (tiny-pixart-alpha, tiny-flux-dev, ...; built offline with seeded random "
+                             "weights), a Hugging Face id or a local pipeline folder (loaded with from_pretrained)")
+    parser.add_argument("--plan", required=True, metavar="plan.json|auto|CONFIG",
+                        help="a plan file from `ditplan search --out`, 'auto' (search --cluster for --nproc GPUs), "
+                             "or a configuration such as 'cfg=2,ulysses=2'")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="processes (GPUs) to launch; must equal the plan's GPU count (default 1)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder for the PNG images (video: PNG frames) and run.json; "
+                             "written only when the run succeeds")
+    parser.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT",
+                        help="prompt(s); several prompts make a batch (split across data-parallel replicas)")
+    parser.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt for classifier-free guidance")
+    parser.add_argument("--height", type=int, metavar="H", help="image height in pixels (default: the model's)")
+    parser.add_argument("--width", type=int, metavar="W", help="image width in pixels (default: the model's)")
+    parser.add_argument("--frames", type=int, metavar="F", help="video frames (video models; default: the model's)")
+    parser.add_argument("--steps", type=int, metavar="S", help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance-scale", type=float, metavar="G", help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed; prompt i uses seed+i, so the images do not depend on the plan (default 0)")
+    parser.add_argument("--cluster", metavar="C",
+                        help="cluster id or YAML path that --plan auto plans for (see `ditplan clusters`)")
+    parser.add_argument("--backend", choices=("gloo", "nccl"),
+                        help="torch.distributed backend (default: nccl with CUDA, else gloo)")
+    parser.add_argument("--print-layout", action="store_true", help="print the rank layout (groups per axis) before running")
+
+
+def run_passthrough(argv: list[str]) -> int:
+    """Run `python -m executor ARGV` and return its exit status."""
+    try:
+        return subprocess.call([sys.executable, "-m", "executor", *argv])
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    """Unused by the CLI (which passes `run`'s argv straight through); kept for the command interface."""
+    argv: list[str] = []
+    for key, value in vars(args).items():
+        if key == "command" or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return run_passthrough(argv)
