@@ -7,10 +7,12 @@ many answers into pandas DataFrames and matplotlib figures:
 - `timeline_frame(result)`: the per-rank events of a `simulate(..., trace=True)` result, in seconds.
 - `breakdown_frame(results)`: each result's latency split into compute, warmup, bubbles and exposed
   communication per link tier; the terms add up to the latency.
+- `scaled_config(config, gpus)`: the same method mix on fewer GPUs (for scaling curves).
 - `plot_timeline(...)` / `plot_breakdown(...)`: a Gantt chart of the ranks and stacked breakdown bars.
 
 pandas and matplotlib are imported inside the functions, so `import costmodel` stays light; torch
-is never imported.
+is never imported. Figures are built without pyplot, so they work headless and show in Jupyter
+(`display(figure)` or as a cell's last expression).
 """
 from __future__ import annotations
 
@@ -192,7 +194,7 @@ def plot_timeline(timelines: Mapping[str, Any], *, title: str = "Simulated per-r
         names = [name for r in range(ranks) for name in (f"rank {r} compute", "communication")]
         axes.set_yticks(ticks, names, fontsize=7)
         axes.set_ylim(2 * ranks - 0.5, -0.5)
-        end = frame["end_s"].max()
+        end = frame.loc[frame["track"] == "compute", "end_s"].max()  # the loop's end; a last send may trail it
         axes.set_title(f"{label}: {end:.3f} s", fontsize=9, loc="left")
         axes.grid(True, axis="x", alpha=0.3)
     axes_list[-1, 0].set_xlabel("time since the denoising loop started (s)")

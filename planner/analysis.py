@@ -9,6 +9,7 @@ method wins on which cluster, and at what GPU count — so this module gathers s
 - `compare_clusters(model, clusters, ...)`: the best plan per GPU count on each cluster (Pareto flags).
 - `plot_clusters(frame)`: latency against GPUs and against GPU-seconds per image, one line per cluster,
   each point marked with the method that wins there.
+- `short_config` (from planner.space): the compact configuration text the tables and plots use.
 
 pandas and matplotlib are imported inside the functions; figures are built without pyplot, so they
 work headless and display in Jupyter (`display(figure)` or as a cell's last expression).
@@ -26,9 +27,11 @@ if TYPE_CHECKING:
 
 # Family names, in the order they are written when a configuration combines several methods.
 METHOD_NAMES = (("cfg", "CFG"), ("ulysses", "Ulysses"), ("ring", "Ring"), ("pipefusion", "PipeFusion"), ("dp", "DP"))
-# One marker per method family in the plots (matplotlib marker codes); unknown combinations get "o".
+# One marker per method family in the plots (matplotlib marker codes); `method_markers` gives other
+# combinations the spare markers, so no two families in one figure share a marker.
 METHOD_MARKERS = {"serial": "s", "CFG": "D", "Ulysses": "^", "Ring": "v", "USP": "P", "PipeFusion": "o",
                   "CFG+PipeFusion": "*", "CFG+Ulysses": ">", "CFG+Ring": "<", "CFG+USP": "X"}
+SPARE_MARKERS = ("h", "p", "d", "H", "8", "1", "2", "3", "4", "+", "x")
 
 
 def method_of(config: ParallelConfig | str) -> str:
@@ -45,6 +48,12 @@ def method_of(config: ParallelConfig | str) -> str:
         names[names.index("Ulysses")] = "USP"
         names.remove("Ring")
     return "+".join(names) or "serial"
+
+
+def method_markers(methods: Sequence[str]) -> dict[str, str]:
+    """A distinct matplotlib marker for each family: METHOD_MARKERS' where it has one, else a spare."""
+    spare = iter(marker for marker in SPARE_MARKERS if marker not in METHOD_MARKERS.values())
+    return {method: METHOD_MARKERS.get(method) or next(spare, "o") for method in dict.fromkeys(methods)}
 
 
 def best_by_method(result: "SearchResult"):
@@ -105,7 +114,8 @@ def plot_clusters(frame: Any, *, title: str | None = None, path: str | None = No
     """Two panels from `compare_clusters`' table: latency vs GPUs and latency vs GPU-seconds per image.
 
     One line per cluster through its best plan at each GPU count; the marker says which method wins
-    at that point (legend below). Returns the matplotlib Figure (saved to `path` if given).
+    at that point, hollow where another GPU count of the same cluster dominates it on that panel's
+    two axes (off the Pareto front). Returns the matplotlib Figure (saved to `path` if given).
     """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -114,21 +124,22 @@ def plot_clusters(frame: Any, *, title: str | None = None, path: str | None = No
     figure = Figure(figsize=(12, 5), layout="constrained")
     by_gpus, by_cost = figure.subplots(1, 2)
     colours = {cluster: f"C{index}" for index, cluster in enumerate(dict.fromkeys(frame["cluster"]))}
-    panels = ((by_gpus, "gpus", "GPUs", "latency vs GPUs"),
-              (by_cost, "gpu_seconds_per_image", "GPU-seconds per image (GPUs x latency / images, s)",
-               "latency vs GPU time spent per image"))
+    markers = method_markers(frame.sort_values("gpus")["method"])
+    panels = ((by_gpus, "gpus", "front_latency_vs_gpus", "GPUs", "latency vs GPUs"),
+              (by_cost, "gpu_seconds_per_image", "front_latency_vs_gpu_seconds",
+               "GPU-seconds per image (GPUs x latency / images, s)", "latency vs GPU time spent per image"))
     # Clusters often share points (a two-node cluster equals its one-node version up to 8 GPUs):
     # earlier clusters are drawn wider and larger underneath, so every line stays visible.
     styles = ("-", "--", ":", "-.")
-    for axes, column, xlabel, panel_title in panels:
+    for axes, column, front, xlabel, panel_title in panels:
         for index, (cluster, group) in enumerate(frame.groupby("cluster", sort=False)):
             group = group.sort_values("gpus")
             axes.plot(group[column], group["latency_s"], styles[index % len(styles)], color=colours[cluster],
                       linewidth=max(1.2, 3.2 - 0.9 * index), alpha=0.8, zorder=2 + index)
-            for _, row in group.iterrows():
-                axes.plot(row[column], row["latency_s"], METHOD_MARKERS.get(row["method"], "o"),
+            for _, row in group.iterrows():  # hollow: another GPU count of this cluster dominates the point
+                axes.plot(row[column], row["latency_s"], markers[row["method"]],
                           color=colours[cluster], markersize=max(5.0, 13.0 - 3.0 * index), markeredgecolor="black",
-                          zorder=10 + index)
+                          markerfacecolor=colours[cluster] if row[front] else "white", zorder=10 + index)
         axes.set_xscale("log", base=2)
         axes.set_yscale("log")
         axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -143,9 +154,10 @@ def plot_clusters(frame: Any, *, title: str | None = None, path: str | None = No
     by_gpus.set_xticks(counts, [str(int(c)) for c in counts])
     cluster_handles = [Line2D([], [], color=colour, linestyle=styles[index % len(styles)], label=cluster)
                        for index, (cluster, colour) in enumerate(colours.items())]
-    methods = list(dict.fromkeys(frame.sort_values("gpus")["method"]))
-    method_handles = [Line2D([], [], linestyle="", marker=METHOD_MARKERS.get(method, "o"), color="white",
-                             markeredgecolor="black", markersize=9, label=method) for method in methods]
+    method_handles = [Line2D([], [], linestyle="", marker=marker, color="0.5", markeredgecolor="black",
+                             markersize=9, label=method) for method, marker in markers.items()]
+    method_handles.append(Line2D([], [], linestyle="", marker="o", color="white", markeredgecolor="black",
+                                 markersize=9, label="hollow: off the Pareto front"))
     by_gpus.legend(handles=cluster_handles, title="cluster", fontsize=8, loc="upper right")
     by_cost.legend(handles=method_handles, title="winning method", fontsize=8, loc="upper right")
     figure.suptitle(title or "Best plan per GPU count on each cluster")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from costmodel.config import ParallelConfig, Placement
-from planner.analysis import best_by_method, compare_clusters, method_of, plot_clusters
+from planner.analysis import METHOD_MARKERS, best_by_method, compare_clusters, method_markers, method_of, plot_clusters
 from planner.ranking import RankedPlan, SearchResult
 
 
@@ -21,6 +21,14 @@ from planner.ranking import RankedPlan, SearchResult
 def test_method_of_names_the_family(config: str, family: str) -> None:
     assert method_of(config) == family
     assert method_of(ParallelConfig.parse(config)) == family
+
+
+def test_method_markers_are_distinct_and_keep_the_known_ones() -> None:
+    families = ["serial", "Ulysses", "Ring+PipeFusion", "USP+PipeFusion", "PipeFusion", "Ring+PipeFusion"]
+    markers = method_markers(families)
+    assert list(markers) == ["serial", "Ulysses", "Ring+PipeFusion", "USP+PipeFusion", "PipeFusion"]
+    assert len(set(markers.values())) == len(markers)
+    assert markers["Ulysses"] == METHOD_MARKERS["Ulysses"] and markers["PipeFusion"] == METHOD_MARKERS["PipeFusion"]
 
 
 def _plan(gpus: int, text: str, latency: float, scored_by: str = "simulator") -> RankedPlan:
