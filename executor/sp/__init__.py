@@ -1,0 +1,265 @@
+"""Sequence parallelism (Ulysses, Ring, USP) for the six DiT families, on an unmodified diffusers transformer.
+
+`enable_sequence_parallel(transformer, family, ulysses_group, ring_group)` makes one ordinary
+`transformer(**kwargs)` call, run on every rank of the SP group with the same inputs, return the
+serial output on every rank while each rank computes only its share of the image tokens:
+
+* a forward hook on the patch embedding keeps this rank's chunk of the image tokens (text tokens,
+  where the embedding emits them too, stay whole);
+* rotary tables are cut to the same tokens (a pre-hook on the transformer for tables passed in,
+  a hook on Flux's position embedder for the one it computes);
+* SP attention processors replace the image self/joint attention processors; cross-attention to
+  text, Latte's temporal attention (across frames at one spatial position) and HunyuanDiT's long
+  skips are per-token and stay local;
+* a forward hook on the output projection `proj_out` (per token) all-gathers the sequence, so the
+  unpatchify that follows sees every token.
+
+`handle.remove()` restores the original processors and removes the hooks.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.distributed import ProcessGroup
+
+from costmodel.errors import DitplanError
+from executor.sp.attention import sequence_parallel_attention
+from executor.sp.comm import agree_shapes, all_gather_along, group_size
+from executor.sp.processors import (
+    CogVideoXAttentionProcessor,
+    FluxAttentionProcessor,
+    JointAttentionProcessor,
+    SelfAttentionProcessor,
+    SequenceShard,
+)
+
+FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
+
+__all__ = ["FAMILIES", "SequenceParallelHandle", "SequenceShard", "enable_sequence_parallel", "sequence_parallel_attention"]
+
+
+@dataclass
+class SequenceParallelHandle:
+    """What `enable_sequence_parallel` installed; `remove()` puts the transformer back as it was."""
+
+    shard: SequenceShard
+    _hooks: list[Any] = field(default_factory=list)
+    _processors: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)
+
+    _transformer: torch.nn.Module | None = None
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for module, original in self._processors:
+            module.set_processor(original)
+        self._hooks, self._processors = [], []
+        if self._transformer is not None:
+            del self._transformer._ditplan_sequence_parallel
+            self._transformer = None
+
+
+def enable_sequence_parallel(
+    transformer: torch.nn.Module,
+    family: str,
+    ulysses_group: ProcessGroup | None,
+    ring_group: ProcessGroup | None,
+) -> SequenceParallelHandle:
+    """Run `transformer` sequence-parallel over Ulysses x Ring groups (None for a degree-1 axis).
+
+    The Ulysses group must hold the nearest ranks and the ring group the ranks across Ulysses groups,
+    as `costmodel.config.Placement` builds them. Refuses (DitplanError) heads that do not divide over
+    the Ulysses degree now, and token counts that do not divide over the SP degree at the first call.
+    """
+    if family not in FAMILIES:
+        raise DitplanError(f"sequence parallelism: unknown family {family!r}; the families are {', '.join(FAMILIES)}.")
+    shard = SequenceShard(ulysses_group, ring_group)
+    handle = SequenceParallelHandle(shard)
+    if shard.degree == 1:
+        return handle
+    if getattr(transformer, "_ditplan_sequence_parallel", False):
+        raise DitplanError("sequence parallelism is already enabled on this transformer; call remove() on its handle first.")
+    transformer._ditplan_sequence_parallel = True
+    handle._transformer = transformer
+    try:
+        # First pre-hook: sizes are checked before any other hook or layer communicates.
+        handle._hooks.append(transformer.register_forward_pre_hook(_agree_on_inputs(shard), with_kwargs=True))
+        _INSTALLERS[family](transformer, shard, handle)
+        handle._hooks.append(transformer.proj_out.register_forward_hook(_gather_tokens(shard)))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hooks shared by the families
+
+
+def _agree_on_inputs(shard: SequenceShard) -> Callable:
+    """Before any collective of a forward: every rank must pass tensors of the same shapes."""
+
+    def hook(module, args, kwargs):
+        shapes: dict[str, tuple[int, ...]] = {}
+        named = [*((f"argument {i}", value) for i, value in enumerate(args)), *((name, kwargs[name]) for name in sorted(kwargs))]
+        for name, value in named:
+            parts = value if isinstance(value, (tuple, list)) else (value,)
+            for index, tensor in enumerate(parts):
+                if isinstance(tensor, torch.Tensor):
+                    shapes[f"{name}[{index}]" if len(parts) > 1 else name] = tuple(tensor.shape)
+        agree_shapes(shapes, shard.ulysses_group, "transformer inputs")
+        agree_shapes(shapes, shard.ring_group, "transformer inputs")
+
+    return hook
+
+
+def _split_tokens(shard: SequenceShard, what: str = "image tokens") -> Callable:
+    """Forward hook on an embedding that emits [batch, tokens, hidden]: keep this rank's tokens."""
+
+    def hook(module, args, output):
+        # A copy, not a view: the whole sequence's embedding need not stay alive through the forward.
+        return output[:, shard.split(output.shape[1], what)].contiguous()
+
+    return hook
+
+
+def _gather_tokens(shard: SequenceShard) -> Callable:
+    """Forward hook on `proj_out`: reassemble the sequence, Ulysses chunks first, then Ring blocks."""
+
+    def hook(module, args, output):
+        output = all_gather_along(output, dim=1, group=shard.ulysses_group)
+        return all_gather_along(output, dim=1, group=shard.ring_group)
+
+    return hook
+
+
+def _slice_rotary_argument(shard: SequenceShard, transformer: torch.nn.Module) -> Callable:
+    """Pre-hook on the transformer: cut the `image_rotary_emb` the pipeline passes ((cos, sin), one row
+    per image token) to this rank's tokens, leaving the call's other arguments as they were passed."""
+    position = list(inspect.signature(transformer.forward).parameters).index("image_rotary_emb")
+
+    def cut(table):
+        rows = shard.split(table[0].shape[0])
+        return tuple(part[rows] for part in table)
+
+    def hook(module, args, kwargs):
+        if kwargs.get("image_rotary_emb") is not None:
+            return args, {**kwargs, "image_rotary_emb": cut(kwargs["image_rotary_emb"])}
+        if len(args) > position and args[position] is not None:
+            return (*args[:position], cut(args[position]), *args[position + 1 :]), kwargs
+        return None
+
+    return hook
+
+
+def _install(handle: SequenceParallelHandle, module: torch.nn.Module, processor: Any) -> None:
+    heads = module.heads
+    u = group_size(handle.shard.ulysses_group)
+    if heads % u:
+        raise DitplanError(
+            f"sequence parallelism: attention layers with {heads} heads do not divide over ulysses={u} ranks; "
+            f"heads % ulysses must be 0 (use a Ulysses degree that divides {heads}, and Ring for the rest)."
+        )
+    if getattr(module, "group_norm", None) is not None or getattr(module, "spatial_norm", None) is not None:
+        raise DitplanError("sequence parallelism: an attention layer normalises over the whole sequence (group/spatial norm); it cannot be split by tokens.")
+    handle._processors.append((module, module.processor))
+    module.set_processor(processor)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One installer per family: where its tokens are embedded and which attention layers see all of them.
+
+
+def _install_pixart(transformer, shard, handle) -> None:
+    processor = SelfAttentionProcessor(shard)
+    for block in transformer.transformer_blocks:
+        _install(handle, block.attn1, processor)  # attn2 (cross-attention to text) stays local
+    handle._hooks.append(transformer.pos_embed.register_forward_hook(_split_tokens(shard)))
+
+
+def _install_sd3(transformer, shard, handle) -> None:
+    processor = JointAttentionProcessor(shard)
+    for block in transformer.transformer_blocks:
+        _install(handle, block.attn, processor)
+        if getattr(block, "attn2", None) is not None:  # SD3.5: a second, image-only self-attention
+            _install(handle, block.attn2, processor)
+    handle._hooks.append(transformer.pos_embed.register_forward_hook(_split_tokens(shard)))
+
+
+def _install_flux(transformer, shard, handle) -> None:
+    processor = FluxAttentionProcessor(shard)
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        _install(handle, block.attn, processor)
+    handle._hooks.append(transformer.x_embedder.register_forward_hook(_split_tokens(shard)))
+
+    def slice_rotary(module, args, output):
+        # pos_embed(ids) for ids = [text ids; image ids]: keep every text row and my image rows.
+        text_tokens = output[0].shape[0] - shard.image_tokens
+        shard.text_tokens = text_tokens
+        keep = torch.cat([torch.arange(text_tokens), text_tokens + torch.arange(shard.start, shard.stop)]).to(output[0].device)
+        return tuple(part[keep] for part in output)
+
+    handle._hooks.append(transformer.pos_embed.register_forward_hook(slice_rotary))
+
+
+def _install_hunyuan(transformer, shard, handle) -> None:
+    processor = SelfAttentionProcessor(shard)
+    for block in transformer.blocks:
+        _install(handle, block.attn1, processor)  # attn2 (cross-attention) takes the cut rotary table as it is
+    handle._hooks.append(transformer.register_forward_pre_hook(_slice_rotary_argument(shard, transformer), with_kwargs=True))
+    handle._hooks.append(transformer.pos_embed.register_forward_hook(_split_tokens(shard)))
+
+
+def _install_cogvideox(transformer, shard, handle) -> None:
+    processor = CogVideoXAttentionProcessor(shard)
+    for block in transformer.transformer_blocks:
+        _install(handle, block.attn1, processor)
+
+    def split_after_text(module, args, output):
+        # patch_embed(text, video) emits [text tokens; image tokens]: all text, my image tokens.
+        text_tokens = args[0].shape[1]
+        shard.text_tokens = text_tokens
+        rows = shard.split(output.shape[1] - text_tokens)
+        return torch.cat([output[:, :text_tokens], output[:, text_tokens + rows.start : text_tokens + rows.stop]], dim=1)
+
+    handle._hooks.append(transformer.register_forward_pre_hook(_slice_rotary_argument(shard, transformer), with_kwargs=True))
+    handle._hooks.append(transformer.patch_embed.register_forward_hook(split_after_text))
+
+
+def _install_latte(transformer, shard, handle) -> None:
+    processor = SelfAttentionProcessor(shard)
+    for block in transformer.transformer_blocks:
+        _install(handle, block.attn1, processor)  # spatial self-attention; attn2 (text) stays local
+    # Tokens are [batch*frames, tokens of one frame, hidden]: split each frame's tokens the same way, so
+    # the temporal blocks (attention across frames at one spatial position) find all frames locally.
+    handle._hooks.append(transformer.pos_embed.register_forward_hook(_split_tokens(shard, "image tokens per frame")))
+
+    def local_temporal_timestep(module, args, kwargs):
+        # Latte repeats the timestep embedding once per spatial position of a frame (batch*tokens rows);
+        # the temporal block sees only my positions, so keep their rows.
+        args = list(args)
+        in_kwargs = "timestep" in kwargs
+        timestep = kwargs["timestep"] if in_kwargs else args[4]
+        per_position = timestep.view(-1, shard.image_tokens, timestep.shape[-1])[:, shard.start : shard.stop]
+        local = per_position.reshape(-1, timestep.shape[-1])
+        if in_kwargs:
+            kwargs["timestep"] = local
+        else:
+            args[4] = local
+        return tuple(args), kwargs
+
+    for block in transformer.temporal_transformer_blocks:
+        handle._hooks.append(block.register_forward_pre_hook(local_temporal_timestep, with_kwargs=True))
+
+
+_INSTALLERS: dict[str, Callable[[torch.nn.Module, SequenceShard, SequenceParallelHandle], None]] = {
+    "pixart": _install_pixart,
+    "sd3": _install_sd3,
+    "flux": _install_flux,
+    "hunyuan": _install_hunyuan,
+    "cogvideox": _install_cogvideox,
+    "latte": _install_latte,
+}
