@@ -1,0 +1,125 @@
+"""PipeFusion: patch-level pipeline parallelism with stale K/V (issue 5).
+
+`denoise(job, adapter, transformer, groups, config)` is what the executor's loop calls for
+configurations with `pipefusion > 1` or `patches > 1`; see `pipeline` (the distributed patch
+pipeline across steps), `sequential` (the one-process reference), `stages` (each family's
+transformer cut into pieces), `stale_kv`, `schedulers` (patch-by-patch steps), `hybrid` (with
+Ulysses/Ring inside the stages), `partition` and `loading` (a stage without the rest of the model).
+
+`prepare_stage` cuts an already loaded transformer to this rank's stage (the executor may call it
+right after loading; `denoise` calls it too, once); `load_stage_transformer` never loads the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+
+from costmodel.config import ParallelConfig
+from costmodel.errors import DitplanError
+from executor.pipefusion.job import PatchJob
+from executor.pipefusion.loading import load_stage_transformer
+from executor.pipefusion.partition import keep_stage_only
+from executor.pipefusion.pipeline import denoise_pipelined, stage_units
+from executor.pipefusion.sequential import denoise_sequential
+from executor.pipefusion.stages import StagedTransformer, staged
+
+__all__ = ["denoise", "prepare_stage", "load_stage_transformer", "patch_job", "denoise_pipelined", "denoise_sequential", "staged"]
+
+_STAGE_ATTR = "_ditplan_pipefusion_stage"
+
+
+def prepare_stage(transformer: torch.nn.Module, family: str, stage: int, stages: int) -> StagedTransformer:
+    """This rank's stage of `transformer`, keeping only its share of the blocks (done once; later
+    calls return the same stage, so a pipeline called many times is cut once)."""
+    prepared = getattr(transformer, _STAGE_ATTR, None)
+    if prepared is not None:
+        staged_transformer, key = prepared
+        if key != (family, stage, stages):
+            raise DitplanError(
+                f"PipeFusion: this transformer was already cut for stage {key[1]} of {key[2]}; it cannot run stage {stage} of {stages}."
+            )
+        return staged_transformer
+    staged_transformer = staged(transformer, family)
+    if stages == 1:  # nothing is cut: the transformer stays usable by any plan
+        return staged_transformer
+    if stages > staged_transformer.unit_count():
+        raise DitplanError(
+            f"PipeFusion: pipefusion={stages} is more than the {staged_transformer.unit_count()} blocks of this {family} "
+            "transformer; every stage needs at least one block."
+        )
+    units = stage_units(staged_transformer.unit_weights, stages, stage)
+    keep_stage_only(staged_transformer, units, stage == 0, stage == stages - 1)
+    object.__setattr__(transformer, _STAGE_ATTR, (staged_transformer, (family, stage, stages)))
+    return staged_transformer
+
+
+def _latent_shaped(value: Any, shape: tuple[int, ...]) -> bool:
+    return isinstance(value, torch.Tensor) and tuple(value.shape) == shape
+
+
+def patch_job(job: Any, adapter: Any) -> PatchJob:
+    """A PatchJob driving the executor's DenoiseJob through its family adapter.
+
+    Adapter extras that hold a latent-sized tensor across steps (CogVideoX's DPM solver keeps the
+    previous prediction there) are handed to the adapter strip by strip and reassembled.
+    """
+    branches = job.branches
+    from executor.families.base import concat_batches
+
+    model_kwargs = {key: concat_batches([job.branch_inputs[b][key] for b in branches]) for key in job.branch_inputs[branches[0]]}
+    model_kwargs.update(job.shared_inputs)
+    full_shape = tuple(job.latents.shape)
+
+    def model_input(latents: torch.Tensor, t: Any) -> torch.Tensor:
+        x = adapter.model_input(job, latents, t)
+        return torch.cat([x] * len(branches)) if len(branches) > 1 else x
+
+    def guide(output: torch.Tensor, step_index: int, t: Any) -> torch.Tensor:
+        noise = adapter.noise_prediction(job, output)
+        if not job.do_cfg:
+            return noise
+        uncond, cond = noise.chunk(2)
+        return adapter.combine_guidance(job, uncond, cond, step_index, t)
+
+    def step(scheduler: Any, noise: torch.Tensor, t: Any, latents: torch.Tensor, step_index: int, patch: int | None) -> torch.Tensor:
+        if patch is None:
+            return adapter.step(replace(job, scheduler=scheduler), noise, t, latents, step_index)
+        strip = scheduler._layout.latent_slice(patch)
+        extras = {k: (v[..., strip, :] if _latent_shaped(v, full_shape) else v) for k, v in job.extras.items()}
+        local = replace(job, scheduler=scheduler, extras=extras)
+        result = adapter.step(local, noise, t, latents, step_index)
+        for key, value in local.extras.items():
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(latents.shape):
+                if not _latent_shaped(job.extras.get(key), full_shape):
+                    job.extras[key] = value.new_zeros(full_shape)
+                job.extras[key][..., strip, :] = value
+        return result
+
+    return PatchJob(
+        latents=job.latents, timesteps=list(job.timesteps), scheduler=job.scheduler, model_kwargs=model_kwargs,
+        model_input=model_input, model_timestep=lambda t, batch: adapter.timestep_input(job, t, batch),
+        guide=guide, step=step, cfg=job.do_cfg,
+    )
+
+
+def denoise(job: Any, adapter: Any, transformer: torch.nn.Module, groups: Any, config: ParallelConfig,
+            on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
+    """Final latents of `job` under PipeFusion (every rank of the pipeline gets them).
+
+    `on_step(step_index, seconds)` is called when this rank has done its part of each step."""
+    if config.cfg == 2 and not job.do_cfg:
+        raise DitplanError(
+            f"configuration {config}: cfg=2 needs classifier-free guidance, but this {job.family} job has none; use cfg=1."
+        )
+    pipe_ranks = groups.members("pipefusion") if groups is not None else [0]
+    stage = groups.coordinate("pipefusion") if groups is not None else 0
+    stages = prepare_stage(transformer, job.family, stage, config.pipefusion)
+    work = patch_job(job, adapter)
+    if config.pipefusion == 1 and config.cfg == 1 and config.sp == 1:
+        return denoise_sequential(work, stages, config.patches, config.warmup, on_step)
+    # A one-stage "pipeline" with CFG halves or SP is the same patch-sequential algorithm, split.
+    cfg_ranks = groups.members("cfg") if config.cfg == 2 else None
+    return denoise_pipelined(work, stages, pipe_ranks, groups.group("pipefusion"), config.patches, config.warmup,
+                             cfg_ranks, groups.group("cfg") if cfg_ranks else None, groups.group("ulysses"), groups.group("ring"), on_step)

@@ -1,0 +1,78 @@
+"""The patch-sequential stale-KV algorithm in one process (`pipefusion=1, patches=M`).
+
+Within a step, patch m runs through all blocks while every self-attention layer's buffer holds
+fresh K/V for patches 0..m and the previous step's for the rest: exactly what every stage of the
+distributed pipeline sees, whatever the stage count. So this is the reference each distributed
+plan with the same patches and warmup must reproduce, and a way to see PipeFusion's image quality
+without a cluster.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from costmodel.errors import DitplanError
+from executor.pipefusion.job import PatchJob
+from executor.pipefusion.schedulers import PatchScheduler
+from executor.pipefusion.layout import PatchLayout
+from executor.pipefusion.stages import Cond, StagedTransformer
+from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv
+
+
+def check_warmup(patches: int, warmup: int) -> None:
+    if patches > 1 and warmup < 1:
+        raise DitplanError(
+            f"PipeFusion: warmup={warmup} with patches={patches} is not allowed; the stale K/V buffers are filled by a "
+            "full-image warmup step, so warmup must be at least 1 when patches > 1."
+        )
+
+
+@torch.no_grad()
+def denoise_sequential(job: PatchJob, stages: StagedTransformer, patches: int, warmup: int,
+                       on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
+    """Final latents of the patch-sequential algorithm (with patches=1 or warmup >= steps: the serial loop).
+
+    `on_step(step_index, seconds)` is called after every step."""
+    check_warmup(patches, warmup)
+    latents = job.latents.clone()
+    layout = stages.layout(job.model_input(latents, job.timesteps[0]), job.model_kwargs, patches)
+    scheduler = PatchScheduler(job.scheduler, layout, tuple(latents.shape))
+    state = StaleKVState()
+    handle = install_stale_kv(stages.stale_layers(range(stages.unit_count())), state)
+    try:
+        for i, t in enumerate(job.timesteps):
+            started = time.perf_counter()
+            x = job.model_input(latents, t)
+            timestep = job.model_timestep(t, x.shape[0])
+            cond = stages.condition(x, timestep, job.model_kwargs)
+            state.text_tokens = stages.text_tokens(cond)
+            if i < warmup or patches == 1:
+                state.mode, state.index = ("fill" if patches > 1 else "off"), None
+                noise = job.guide(stages.forward(x, timestep, job.model_kwargs, layout), i, t)
+                latents = job.step(scheduler, noise, t, latents, i, None)
+            else:
+                _patch_step(job, stages, scheduler, state, layout, latents, x, cond, t, i, patches)
+            if on_step is not None:
+                on_step(i, time.perf_counter() - started)
+    finally:
+        handle.remove()
+    return latents
+
+
+def _patch_step(job: PatchJob, stages: StagedTransformer, scheduler: PatchScheduler, state: StaleKVState, layout: PatchLayout,
+                latents: torch.Tensor, x: torch.Tensor, cond: Cond, t: Any, i: int, patches: int) -> None:
+    """One step, patch after patch, updating `latents` in place."""
+    state.mode = "patch"
+    image = stages.embed(x, cond)
+    for m in range(patches):
+        index = layout.token_index(m)
+        state.index = index
+        carry = stages.select(image, index)
+        for unit in range(stages.unit_count()):
+            carry = stages.run_unit(unit, carry, cond, index)
+        noise = job.guide(stages.head(carry, cond, layout, m), i, t)
+        with scheduler.patch(m):
+            strip = job.step(scheduler, noise, t, layout.take_latent(latents, m), i, m)
+        layout.put_latent(latents, m, strip)

@@ -1,0 +1,207 @@
+"""Stale-KV attention: every self-attention layer keeps a K/V buffer for the whole image.
+
+A patch's queries attend to the whole buffer: its own rows hold the fresh K/V just computed, the
+other rows hold what was written last (fresh for patches already run this step, the previous
+step's for the rest). Warmup steps run the full image in "fill" mode, which writes every row.
+
+The substitution happens at the attention kernel call (torch's scaled_dot_product_attention, or
+diffusers' dispatch_attention_fn where a processor uses it), after each family's own projections,
+norms, rotary embeddings and (with sequence parallelism inside) all-to-all. Wrapping the kernel
+rather than re-writing six processors keeps this independent of their internals: our wrapper
+processor marks "this call is layer L" and the kernel hook, active only during that call, swaps
+the image part of K and V for the buffer. Text K/V of joint attention (MM-DiT, CogVideoX) is never
+buffered: it is fresh in every patch.
+"""
+from __future__ import annotations
+
+import contextvars
+import inspect
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from executor.pipefusion.layout import put_tokens
+
+Mode = Literal["off", "fill", "patch"]
+TextPosition = Literal["none", "first", "last"]
+
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+_active_layer: contextvars.ContextVar["StaleKVProcessor | None"] = contextvars.ContextVar("stale_kv_layer", default=None)
+
+
+@dataclass
+class StaleKVState:
+    """What the current transformer call is, shared by every stale-KV layer of one stage.
+
+    mode: "off" (plain attention), "fill" (full image: attend normally and copy K/V into the
+    buffers), "patch" (write the patch's rows, attend to the whole buffer).
+    index: the patch's positions in the image token sequence ("patch" mode).
+    text_tokens: text tokens in the joint sequence of this call (0 where text does not join).
+    ring_index: see below (PipeFusion x Ring, executor/pipefusion/hybrid.py).
+    """
+
+    mode: Mode = "off"
+    index: slice | torch.Tensor | None = None
+    text_tokens: int = 0
+    # Under ring attention: the rows of this rank's buffer (its share of the image) for the patch.
+    ring_index: torch.Tensor | None = None
+    processors: list["StaleKVProcessor"] = field(default_factory=list)
+
+    def buffer_bytes(self) -> int:
+        return sum(p.buffer_bytes() for p in self.processors)
+
+
+class StaleKVProcessor:
+    """Wraps one attention module's own processor; see the module docstring."""
+
+    def __init__(self, inner: Any, state: StaleKVState, text_position: TextPosition) -> None:
+        self.inner = inner
+        self.state = state
+        self.text_position = text_position
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+        self._inner_module = sys.modules[type(inner).__module__]
+
+    def buffer_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value) if t is not None)
+
+    def _call(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.state.mode == "off":
+            return self.inner(attn, *args, **kwargs)
+        dispatch_owner = self._inner_module if hasattr(self._inner_module, "dispatch_attention_fn") else None
+        original_dispatch = dispatch_owner.dispatch_attention_fn if dispatch_owner else None
+        # The sequence-parallel processors' ring attention takes this rank's K/V block as arguments.
+        ring_owner = sys.modules.get("executor.sp.attention") if self._inner_module.__name__ == "executor.sp.processors" else None
+        original_ring = ring_owner.ring_attention if ring_owner else None
+        F.scaled_dot_product_attention = _stale_sdpa
+        if dispatch_owner:
+            dispatch_owner.dispatch_attention_fn = _make_stale_dispatch(original_dispatch)
+        if ring_owner:
+            ring_owner.ring_attention = _make_stale_ring(original_ring)
+        token = _active_layer.set(self)
+        try:
+            return self.inner(attn, *args, **kwargs)
+        finally:
+            _active_layer.reset(token)
+            F.scaled_dot_product_attention = _ORIGINAL_SDPA
+            if dispatch_owner:
+                dispatch_owner.dispatch_attention_fn = original_dispatch
+            if ring_owner:
+                ring_owner.ring_attention = original_ring
+
+    def exchange(self, key: torch.Tensor, value: torch.Tensor, seq_dim: int, text_position: TextPosition | None = None,
+                 index: slice | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the buffers from this call's K/V and return the K/V the kernel should use.
+
+        `text_position` and `index` default to the layer's and the state's (the ring hook passes
+        its own: its K/V hold no text, and its buffer rows are the rank's share of the image)."""
+        text_position = self.text_position if text_position is None else text_position
+        index = self.state.index if index is None else index
+        text = self.state.text_tokens if text_position != "none" else 0
+        total = key.shape[seq_dim]
+        image_start = text if text_position == "first" else 0
+        image_len = total - text
+
+        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            text_part = t.narrow(seq_dim, 0 if text_position == "first" else image_len, text)
+            return t.narrow(seq_dim, image_start, image_len), text_part
+
+        image_k, text_k = split(key)
+        image_v, text_v = split(value)
+        if self.state.mode == "fill":
+            self.key, self.value = image_k.contiguous().clone(), image_v.contiguous().clone()
+            return key, value
+        if self.key is None or self.value is None:
+            raise RuntimeError("stale-KV buffers are empty: a patch step ran before any full-image (warmup) step filled them")
+        put_tokens(self.key, index, seq_dim, image_k)
+        put_tokens(self.value, index, seq_dim, image_v)
+        if text == 0:
+            return self.key, self.value
+        if text_position == "first":
+            return torch.cat([text_k, self.key], dim=seq_dim), torch.cat([text_v, self.value], dim=seq_dim)
+        return torch.cat([self.key, text_k], dim=seq_dim), torch.cat([self.value, text_v], dim=seq_dim)
+
+
+def _stale_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    layer = _active_layer.get()
+    token = _active_layer.set(None)  # a kernel that calls sdpa inside must not swap twice
+    try:
+        if layer is not None:
+            key, value = layer.exchange(key, value, seq_dim=-2)  # [batch, heads, tokens, head_dim]
+        return _ORIGINAL_SDPA(query, key, value, *args, **kwargs)
+    finally:
+        _active_layer.reset(token)
+
+
+def _make_stale_dispatch(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def stale_dispatch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        layer = _active_layer.get()
+        token = _active_layer.set(None)
+        try:
+            if layer is not None:
+                key, value = layer.exchange(key, value, seq_dim=1)  # [batch, tokens, heads, head_dim]
+            return original(query, key, value, *args, **kwargs)
+        finally:
+            _active_layer.reset(token)
+
+    return stale_dispatch
+
+
+def _make_stale_ring(original: Callable[..., Any]) -> Callable[..., Any]:
+    def stale_ring(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        layer = _active_layer.get()
+        token = _active_layer.set(None)
+        try:
+            if layer is not None:
+                key, value = layer.exchange(key, value, seq_dim=-2, text_position="none", index=layer.state.ring_index)
+            return original(query, key, value, *args, **kwargs)
+        finally:
+            _active_layer.reset(token)
+
+    return stale_ring
+
+
+_wrapper_classes: dict[type, type] = {}
+
+
+def _wrapper_class(inner_type: type) -> type:
+    """A StaleKVProcessor subclass whose __call__ shows the inner processor's signature.
+
+    diffusers' attention modules drop every keyword the processor's __call__ does not name, so the
+    wrapper must advertise exactly the inner signature (e.g. `image_rotary_emb`).
+    """
+    cls = _wrapper_classes.get(inner_type)
+    if cls is None:
+        def __call__(self: StaleKVProcessor, attn: Any, *args: Any, **kwargs: Any) -> Any:
+            return self._call(attn, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(inner_type.__call__)  # type: ignore[attr-defined]
+        cls = type(f"StaleKV{inner_type.__name__}", (StaleKVProcessor,), {"__call__": __call__})
+        _wrapper_classes[inner_type] = cls
+    return cls
+
+
+class StaleKVHandle:
+    def __init__(self, state: StaleKVState, originals: list[tuple[Any, Any]]) -> None:
+        self.state = state
+        self._originals = originals
+
+    def remove(self) -> None:
+        for module, processor in self._originals:
+            module.processor = processor
+        self.state.processors.clear()
+
+
+def install_stale_kv(layers: list[tuple[Any, TextPosition]], state: StaleKVState) -> StaleKVHandle:
+    """Wrap the processor of each (attention module, where its text tokens sit) with stale KV."""
+    originals = []
+    for module, text_position in layers:
+        inner = module.processor
+        wrapper = _wrapper_class(type(inner))(inner, state, text_position)
+        originals.append((module, inner))
+        module.processor = wrapper
+        state.processors.append(wrapper)
+    return StaleKVHandle(state, originals)

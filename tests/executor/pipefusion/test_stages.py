@@ -1,0 +1,92 @@
+"""Staged transformers, stale-KV attention and per-stage parameters (issue 5, items 1-3)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pf_tiny import FAMILIES, build, model_timestep  # noqa: E402
+
+from executor.pipefusion.partition import keep_stage_only, parameter_count  # noqa: E402
+from executor.pipefusion.pipeline import stage_units  # noqa: E402
+from executor.pipefusion.stages import staged  # noqa: E402
+from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv  # noqa: E402
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pieces_in_sequence_equal_the_forward(family: str) -> None:
+    model, latents, kwargs = build(family)
+    t = model_timestep(family, 500.0, latents.shape[0])
+    with torch.no_grad():
+        expected = model(hidden_states=latents, timestep=t, **kwargs, return_dict=False)[0]
+        stages = staged(model, family)
+        got = stages.forward(latents, t, kwargs, stages.layout(latents, kwargs, 1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stale_kv_patches_reproduce_the_full_image_when_nothing_changed(family: str) -> None:
+    """Buffers filled from the same input: every patch sees exactly the full image's K/V, so each
+    patch's output is the full output's strip; a buffer fed other K/V (next test) changes it."""
+    model, latents, kwargs = build(family)
+    t = model_timestep(family, 500.0, latents.shape[0])
+    stages = staged(model, family)
+    layout = stages.layout(latents, kwargs, 4)
+    state = StaleKVState()
+    handle = install_stale_kv(stages.stale_layers(range(stages.unit_count())), state)
+    try:
+        with torch.no_grad():
+            state.mode = "fill"
+            cond = stages.condition(latents, t, kwargs)
+            state.text_tokens = stages.text_tokens(cond)
+            full = stages.forward(latents, t, kwargs, layout)
+            state.mode = "patch"
+            image = stages.embed(latents, cond)
+            for m in range(layout.patches):
+                state.index = layout.token_index(m)
+                carry = stages.select(image, state.index)
+                for unit in range(stages.unit_count()):
+                    carry = stages.run_unit(unit, carry, cond, state.index)
+                torch.testing.assert_close(stages.head(carry, cond, layout, m), layout.take_latent(full, m), rtol=1e-5, atol=1e-5)
+            # Stale rows matter: poison the buffers outside patch 0 and patch 0's output moves.
+            for processor in state.processors:
+                for buffer in (processor.key, processor.value):
+                    buffer.mul_(3.0)
+            state.index = layout.token_index(0)
+            carry = stages.select(image, state.index)
+            for unit in range(stages.unit_count()):
+                carry = stages.run_unit(unit, carry, cond, state.index)
+            assert (stages.head(carry, cond, layout, 0) - layout.take_latent(full, 0)).abs().max() > 1e-3
+    finally:
+        handle.remove()
+    assert all(not hasattr(module.processor, "state") for module, _ in stages.stale_layers(range(stages.unit_count())))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("degree", [2, 4])
+def test_each_stage_keeps_about_its_share_of_the_blocks(family: str, degree: int) -> None:
+    """Per-rank parameters: blocks within 10 % of 1/p of all blocks, plus the conditioning every
+    stage keeps and the embedding (first) / head (last) extras, and nothing else."""
+    layers = {"flux": 64, "hunyuan": 40}.get(family, 24)  # real models' depths: whole blocks split into near-equal shares
+    model, _, _ = build(family, layers=layers)
+    whole_blocks = sum(staged(model, family).unit_weights)
+    for stage in range(degree):
+        model, _, _ = build(family, layers=layers)
+        stages = staged(model, family)
+        shared = parameter_count(model) - whole_blocks - sum(
+            parameter_count(getattr(model, a)) if isinstance(getattr(model, a), torch.nn.Module) else getattr(model, a).numel()
+            for a in stages.first_stage_attrs + stages.last_stage_attrs if getattr(model, a) is not None
+        )
+        extras = sum(
+            parameter_count(getattr(model, a)) if isinstance(getattr(model, a), torch.nn.Module) else getattr(model, a).numel()
+            for a in ((stages.first_stage_attrs if stage == 0 else ()) + (stages.last_stage_attrs if stage == degree - 1 else ()))
+            if getattr(model, a) is not None
+        )
+        units = stage_units(stages.unit_weights, degree, stage)
+        keep_stage_only(stages, units, stage == 0, stage == degree - 1)
+        kept_blocks = parameter_count(model) - shared - extras
+        assert abs(kept_blocks - whole_blocks / degree) <= 0.10 * whole_blocks / degree, (family, degree, stage, kept_blocks, whole_blocks)
+        assert parameter_count(model) <= whole_blocks / degree * 1.10 + shared + extras
