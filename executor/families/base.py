@@ -1,0 +1,266 @@
+"""The family adapter interface: what the denoising loop (and PipeFusion) needs from a pipeline.
+
+A diffusers pipeline's `__call__` mixes four things: preparing inputs (prompt encoding, initial
+latents, timesteps), calling the transformer, combining guidance and stepping the scheduler, and
+decoding. The executor has to cut that loop apart (CFG halves on different ranks, prompts on
+different replicas, patches on different stages), so each family gets an adapter that exposes those
+pieces separately while reusing the pipeline's own methods (`encode_prompt`, `prepare_latents`,
+`retrieve_timesteps`, the VAE and its image/video processor).
+
+Contract (the SP and PipeFusion code relies on it):
+
+* `adapter.prepare(request)` returns a `DenoiseJob` for the request's prompts (under no_grad: CPU
+  attention picks another kernel when gradients are on, which would change the last bits). It consumes the
+  request's generators exactly as the pipeline's `__call__` does (latents first, then the scheduler
+  steps), so running the loop on a job reproduces `pipe(..., output_type="latent")`.
+* Guidance branches are named `"uncond"` and `"cond"`; when both are batched together the order is
+  `("uncond", "cond")`, as every diffusers pipeline concatenates them.
+* `adapter.transformer_kwargs(job, latents, t, branches)` gives the complete keyword arguments of
+  one `transformer(**kwargs)` call over the given branches (batch = len(branches) * job.batch_size);
+  `adapter.noise_prediction(job, output)` turns the transformer's output tensor into the noise
+  prediction the scheduler takes (learned-sigma halves dropped, dtype fixed), per branch batch.
+* `adapter.combine_guidance(job, uncond, cond, step_index, t)` and `adapter.step(job, noise, t,
+  latents, step_index)` are the per-step arithmetic after the transformer; every rank that holds the
+  same latents and noise gets bit-identical results.
+* `adapter.decode(job, latents, output_type)` returns what the pipeline would return as images
+  (PIL list, numpy, or per-prompt frame lists for video).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+BRANCHES: tuple[str, ...] = ("uncond", "cond")
+
+
+@dataclass
+class GenerationRequest:
+    """One call's inputs, already normalised (what the user passed to the parallel pipeline).
+
+    `generators` holds one torch.Generator per prompt (the executor seeds prompt i with seed + i), so
+    any split of the prompts across replicas draws the same noise for each prompt as one batch does.
+    `height`, `width`, `num_frames`, `num_inference_steps` and `guidance_scale` of None take the
+    pipeline's defaults.
+    """
+
+    prompts: list[str]
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    generators: list[torch.Generator] | None = None
+    output_type: str = "pil"
+
+    def subset(self, indices: Sequence[int]) -> "GenerationRequest":
+        """The same request for a subset of the prompts (data parallelism)."""
+        generators = None if self.generators is None else [self.generators[i] for i in indices]
+        return replace(self, prompts=[self.prompts[i] for i in indices], generators=generators)
+
+
+@dataclass
+class DenoiseJob:
+    """Everything one denoising loop needs, for a batch of `batch_size` prompts.
+
+    latents: the initial latents in the layout the transformer and scheduler use (`latent_layout`:
+        "BCHW" for PixArt/SD3/HunyuanDiT, "BSC" for Flux's packed 2x2 tokens in row-major order,
+        "BFCHW" for CogVideoX, "BCFHW" for Latte).
+    timesteps: the scheduler's timesteps for this job, in loop order.
+    scheduler: a private copy of the pipeline's scheduler with `set_timesteps` done (stateful:
+        multistep solvers keep history, so each job steps its own copy).
+    branch_inputs: per guidance branch ("cond", and "uncond" when CFG is on), the transformer keyword
+        arguments that carry a batch dimension of `batch_size` (text states, masks, pooled states,...).
+    shared_inputs: transformer keyword arguments without a batch dimension (rotary tables, position
+        ids, flags), identical for every branch.
+    guidance_scale: the CFG weight (Flux-dev: the embedded guidance; CFG itself off).
+    token_grid: (frames, rows, cols) of image tokens the transformer attends over, after patchify;
+        PipeFusion splits `rows` into patches, SP splits the flattened sequence.
+    extras: family-specific values (scheduler step kwargs, sizes for decoding, learned-sigma flag...).
+    """
+
+    family: str
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    scheduler: Any
+    branch_inputs: dict[str, dict[str, Any]]
+    shared_inputs: dict[str, Any]
+    guidance_scale: float
+    batch_size: int
+    height: int
+    width: int
+    num_frames: int
+    latent_layout: str
+    token_grid: tuple[int, int, int]
+    output_type: str = "pil"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def do_cfg(self) -> bool:
+        """True when the job has an unconditional branch (classifier-free guidance)."""
+        return "uncond" in self.branch_inputs
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The guidance branches in the order diffusers batches them."""
+        return tuple(b for b in BRANCHES if b in self.branch_inputs)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def subset(self, indices: Sequence[int]) -> "DenoiseJob":
+        """This job for some of its prompts (data parallelism).
+
+        Preparing once for all prompts and then taking rows keeps every prompt's inputs exactly what
+        the whole batch gives (some pipelines encode text differently for a batch of one: Latte
+        trims the padding only then), so any split of the prompts reproduces the batched run.
+        """
+        rows = list(indices)
+        extras = dict(self.extras)
+        step_kwargs = dict(extras.get("step_kwargs") or {})
+        if isinstance(step_kwargs.get("generator"), list):
+            step_kwargs["generator"] = [step_kwargs["generator"][i] for i in rows]
+        if step_kwargs:
+            extras["step_kwargs"] = step_kwargs
+        return replace(
+            self,
+            latents=self.latents[rows],
+            scheduler=copy.deepcopy(self.scheduler),
+            branch_inputs={b: {k: _take_rows(v, rows) for k, v in inputs.items()} for b, inputs in self.branch_inputs.items()},
+            batch_size=len(rows),
+            extras=extras,
+        )
+
+
+def _take_rows(value: Any, rows: list[int]) -> Any:
+    if isinstance(value, dict):
+        return {key: _take_rows(item, rows) for key, item in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value[rows]
+    return value
+
+
+def concat_batches(values: list[Any]) -> Any:
+    """Concatenate per-branch values along the batch dimension (tensors, dicts of them, or None)."""
+    first = values[0]
+    if len(values) == 1 or first is None:
+        return first
+    if isinstance(first, dict):
+        return {key: concat_batches([value[key] for value in values]) for key in first}
+    return torch.cat(values)
+
+
+class FamilyAdapter:
+    """Base adapter: subclasses set the class attributes and implement `prepare` and `decode`.
+
+    The defaults here implement the pieces most families share (the transformer call layout,
+    standard CFG, a plain `scheduler.step`).
+    """
+
+    family: ClassVar[str] = ""
+    latent_layout: ClassVar[str] = "BCHW"
+    # The transformer's keyword for the (noisy) latent input and for the timestep.
+    latent_kwarg: ClassVar[str] = "hidden_states"
+    timestep_kwarg: ClassVar[str] = "timestep"
+    # Video families take `num_frames`; image families ignore it.
+    is_video: ClassVar[bool] = False
+    # Branch inputs holding text states (their token counts add up to what the transformer sees).
+    text_state_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether a job at this guidance scale has an unconditional branch."""
+        return guidance_scale > 1.0
+
+    def default_guidance_scale(self) -> float:
+        """The pipeline `__call__`'s default guidance scale."""
+        return float(self.call_default("guidance_scale"))
+
+    def default_steps(self) -> int:
+        return int(self.call_default("num_inference_steps"))
+
+    def call_default(self, name: str) -> Any:
+        """The default of a pipeline `__call__` parameter (so the adapter behaves as the pipeline does)."""
+        return inspect.signature(self.pipe.__call__).parameters[name].default
+
+    # -- preparing ---------------------------------------------------------------------------
+    def prepare(self, request: GenerationRequest) -> DenoiseJob:
+        """Encode prompts, draw initial latents, set timesteps: a job for `request`'s prompts."""
+        raise NotImplementedError
+
+    def fresh_scheduler(self) -> Any:
+        """A private copy of the pipeline's scheduler (set_timesteps must be called on it)."""
+        return copy.deepcopy(self.pipe.scheduler)
+
+    def steps_and_guidance(self, request: GenerationRequest) -> tuple[int, float]:
+        """The request's steps and guidance scale, or the pipeline's defaults."""
+        steps = request.num_inference_steps or self.default_steps()
+        guidance = self.default_guidance_scale() if request.guidance_scale is None else float(request.guidance_scale)
+        return int(steps), guidance
+
+    # -- one transformer call -------------------------------------------------------------------
+    def model_input(self, job: DenoiseJob, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The latent as the transformer reads it at timestep t (scheduler input scaling)."""
+        return job.scheduler.scale_model_input(latents, t)
+
+    def timestep_input(self, job: DenoiseJob, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """The timestep tensor for a transformer batch of `batch` rows."""
+        return t.expand(batch)
+
+    def transformer_kwargs(
+        self, job: DenoiseJob, latents: torch.Tensor, t: torch.Tensor, branches: Sequence[str]
+    ) -> dict[str, Any]:
+        """Keyword arguments for one `transformer(**kwargs)` call over `branches`, batched in order.
+
+        `latents` has `job.batch_size` rows; the transformer input repeats it once per branch.
+        """
+        branches = tuple(branches)
+        model_input = self.model_input(job, latents, t)
+        hidden = torch.cat([model_input] * len(branches)) if len(branches) > 1 else model_input
+        kwargs: dict[str, Any] = {
+            self.latent_kwarg: hidden,
+            self.timestep_kwarg: self.timestep_input(job, t, hidden.shape[0]),
+        }
+        for key in job.branch_inputs[branches[0]]:
+            kwargs[key] = concat_batches([job.branch_inputs[b][key] for b in branches])
+        kwargs.update(job.shared_inputs)
+        kwargs["return_dict"] = False
+        return kwargs
+
+    def noise_prediction(self, job: DenoiseJob, output: torch.Tensor) -> torch.Tensor:
+        """The scheduler-ready noise from the transformer's output tensor (default: as is)."""
+        return output
+
+    def combine_guidance(
+        self, job: DenoiseJob, uncond: torch.Tensor, cond: torch.Tensor, step_index: int, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Classifier-free guidance: uncond + w * (cond - uncond)."""
+        return uncond + job.guidance_scale * (cond - uncond)
+
+    def step(self, job: DenoiseJob, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, step_index: int) -> torch.Tensor:
+        """One scheduler step x_t -> x_{t-1} with the job's scheduler."""
+        return job.scheduler.step(noise, t, latents, **job.extras.get("step_kwargs", {}), return_dict=False)[0]
+
+    # -- the end ------------------------------------------------------------------------------
+    def decode(self, job: DenoiseJob, latents: torch.Tensor, output_type: str | None = None) -> Any:
+        """Final latents -> images as the pipeline returns them ("latent" returns the latents)."""
+        raise NotImplementedError

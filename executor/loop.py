@@ -1,0 +1,93 @@
+"""The denoising loop: the one place that owns it, for every configuration.
+
+* serial: every branch in one transformer batch, as the diffusers pipeline does;
+* CFG parallel (cfg=2): rank with cfg coordinate c runs branch c only ("uncond" on 0, "cond" on 1);
+  one all-gather of the noise prediction per step, then identical guidance and scheduler step on
+  both ranks, so their latents stay bit-identical;
+* sequence parallel: the SP helper's processors are already installed on the transformer (see
+  executor.parallel); every rank of the SP group runs the same call and gets the full output;
+* PipeFusion (pipefusion > 1 or patches > 1): delegated to `executor.pipefusion.denoise`;
+* data parallel: handled one level up (each replica runs this loop on its share of the prompts).
+
+Test hook: DITPLAN_FAIL_AT="RANK:STEP" makes that global rank raise at that step (failure tests).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from costmodel.config import ParallelConfig
+from costmodel.errors import DitplanError
+from executor.families.base import DenoiseJob, FamilyAdapter
+from executor.groups import ExecutorGroups
+
+FAIL_AT_ENV = "DITPLAN_FAIL_AT"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the DITPLAN_FAIL_AT test hook."""
+
+
+def _failure_step(rank: int) -> int | None:
+    spec = os.environ.get(FAIL_AT_ENV)
+    if not spec:
+        return None
+    fail_rank, _, step = spec.partition(":")
+    return int(step or 0) if int(fail_rank) == rank else None
+
+
+def denoise(
+    job: DenoiseJob,
+    adapter: FamilyAdapter,
+    config: ParallelConfig | None = None,
+    groups: ExecutorGroups | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> torch.Tensor | None:
+    """Run the job's denoising loop under `config`; returns the final latents.
+
+    `on_step(step_index, seconds)` is called after every step (timings, progress bar). Every rank of
+    a replica returns the final latents, except under PipeFusion, where `executor.pipefusion.denoise`
+    decides (the replica leader always gets them).
+    """
+    config = config or ParallelConfig()
+    transformer = adapter.transformer
+    if config.pipefusion > 1 or config.uses_patches:
+        try:
+            from executor.pipefusion import denoise as pipefusion_denoise
+        except ImportError as error:
+            raise DitplanError(f"configuration {config}: PipeFusion is not available in this build ({error}).") from None
+        return pipefusion_denoise(job, adapter, transformer, groups, config)
+
+    cfg_group = groups.group("cfg") if groups is not None else None
+    if config.cfg == 2 and not job.do_cfg:
+        raise DitplanError(
+            f"configuration {config}: cfg=2 needs classifier-free guidance, but this {job.family} job has none "
+            f"(guidance_scale={job.guidance_scale}); use cfg=1."
+        )
+    branches = (job.branches[groups.coordinate("cfg")],) if config.cfg == 2 else job.branches
+    fail_step = _failure_step(groups.rank if groups is not None else 0)
+
+    latents = job.latents
+    with torch.no_grad():
+        for step_index, t in enumerate(job.timesteps):
+            started = time.perf_counter()
+            if fail_step == step_index:
+                raise InjectedFailure(f"injected failure at step {step_index} ({FAIL_AT_ENV}={os.environ[FAIL_AT_ENV]})")
+            output = transformer(**adapter.transformer_kwargs(job, latents, t, branches))[0]
+            noise = adapter.noise_prediction(job, output)
+            if config.cfg == 2:
+                # One all-gather per step: both ranks end up with [uncond, cond] in cfg order.
+                halves = [torch.empty_like(noise) for _ in range(2)]
+                dist.all_gather(halves, noise.contiguous(), group=cfg_group)
+                noise = adapter.combine_guidance(job, halves[0], halves[1], step_index, t)
+            elif job.do_cfg:
+                uncond, cond = noise.chunk(2)
+                noise = adapter.combine_guidance(job, uncond, cond, step_index, t)
+            latents = adapter.step(job, noise, t, latents, step_index)
+            if on_step is not None:
+                on_step(step_index, time.perf_counter() - started)
+    return latents

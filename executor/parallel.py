@@ -1,0 +1,328 @@
+"""`executor.parallelize(pipe, plan=...)`: a diffusers pipeline run under a parallel plan.
+
+The returned `ParallelPipeline` is called like the diffusers pipeline; rank 0 gets the output
+(other ranks get None). Every rank of the job must make the same calls with the same arguments.
+
+Seeds: prompt i draws its noise from its own generator seeded `seed + i` (seed = the `seed`
+argument, or the passed generator's initial seed, or 0), so the same seed gives the same images
+whatever the plan, data-parallel splits included.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from costmodel.config import ParallelConfig, Placement
+from costmodel.errors import DitplanError
+from executor.families import FamilyAdapter, GenerationRequest, adapter_for
+from executor.groups import ExecutorGroups, build_groups, init_distributed, launched_world_size
+from executor.loop import denoise
+
+# diffusers pipeline class -> the ditplan model id of its usual checkpoint (for plan="auto").
+_DEFAULT_MODEL_IDS = {
+    "PixArtAlphaPipeline": "pixart-alpha", "PixArtSigmaPipeline": "pixart-sigma",
+    "StableDiffusion3Pipeline": "sd3-medium", "HunyuanDiTPipeline": "hunyuan-dit",
+    "CogVideoXPipeline": "cogvideox-2b", "LattePipeline": "latte",
+}
+
+
+@dataclass
+class RunTimings:
+    """Wall-clock seconds of the last call on this rank, per phase."""
+
+    prepare_s: float = 0.0
+    loop_s: float = 0.0
+    decode_s: float = 0.0
+    gather_s: float = 0.0
+    end_to_end_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prepare_s": self.prepare_s, "loop_s": self.loop_s, "decode_s": self.decode_s,
+                "gather_s": self.gather_s, "end_to_end_s": self.end_to_end_s, "step_s": list(self.step_s)}
+
+
+@dataclass
+class ParallelOutput:
+    """What rank 0 gets: `images` (image families) or `frames` (video families: one frame list per prompt)."""
+
+    images: Any = None
+    frames: Any = None
+
+
+def model_id_of(pipe: Any) -> str | None:
+    """The ditplan model id a pipeline was built as (tiny pipelines record it), or its usual checkpoint's."""
+    recorded = getattr(pipe, "ditplan_model_id", None)
+    if recorded:
+        return recorded
+    name = type(pipe).__name__
+    if name == "FluxPipeline":
+        return "flux-dev" if pipe.transformer.config.guidance_embeds else "flux-schnell"
+    return _DEFAULT_MODEL_IDS.get(name)
+
+
+def model_problems(config: ParallelConfig, adapter: FamilyAdapter, model_id: str | None,
+                   height: int, width: int, frames: int, steps: int) -> list[str]:
+    """Every rule `config` breaks for this pipeline at this size (empty when it can run).
+
+    Uses the cost model's rules (`costmodel.rules.check_config`) with the model's profile where one
+    exists, and checks the loaded transformer itself in any case, since a real checkpoint may differ
+    from the profile of its id.
+    """
+    problems: list[str] = []
+    if model_id is not None:
+        try:
+            from costmodel.rules import check_config
+            from costmodel.specs import load_model
+        except ImportError:
+            check_config = None
+        if check_config is not None:
+            try:
+                problems.extend(check_config(config, load_model(model_id), height, width, frames, steps, config.world_size))
+            except DitplanError:
+                pass  # no profile for this id: the checks below still apply
+    transformer_config = adapter.transformer.config
+    heads = int(transformer_config.num_attention_heads)
+    if config.cfg == 2 and not adapter.uses_cfg(2.0):
+        problems.append(f"cfg=2 but {adapter.family} does not use classifier-free guidance, so there is no second half to split")
+    if heads % config.ulysses:
+        problems.append(f"ulysses={config.ulysses} does not divide the transformer's {heads} attention heads")
+    return list(dict.fromkeys(problems))
+
+
+def _refuse(config: ParallelConfig, problems: list[str]) -> None:
+    if problems:
+        raise DitplanError(f"plan {config} cannot run this model: " + "; ".join(problems) + ".")
+
+
+def _resolve_plan(plan: Any, pipe: Any, cluster: str | None, model: str | None, world: int,
+                  height: int | None, width: int | None, frames: int | None, steps: int | None) -> tuple[ParallelConfig, Placement, Any]:
+    from planner.plan import Plan
+
+    if isinstance(plan, Plan):
+        return plan.config, plan.placement, plan
+    if isinstance(plan, ParallelConfig):
+        return plan, Placement(plan), None
+    if not isinstance(plan, (str, Path)):
+        raise DitplanError(f"plan {plan!r}: give a plan file path, a planner.plan.Plan, a configuration string or 'auto'.")
+    text = str(plan)
+    if text == "auto":
+        return _auto_plan(pipe, cluster, model, world, height, width, frames, steps)
+    if text.endswith(".json") or Path(text).is_file():
+        loaded = Plan.load(text)
+        return loaded.config, loaded.placement, loaded
+    config = ParallelConfig.parse(text)
+    return config, Placement(config), None
+
+
+def _auto_plan(pipe: Any, cluster: str | None, model: str | None, world: int, height: int | None,
+               width: int | None, frames: int | None, steps: int | None) -> tuple[ParallelConfig, Placement, Any]:
+    try:
+        import planner
+
+        search = planner.search
+    except (ImportError, AttributeError) as error:
+        raise DitplanError(f"plan='auto' needs the planner's search, which is not available ({error}); give a configuration instead.") from None
+    model = model or model_id_of(pipe)
+    if model is None:
+        raise DitplanError(f"plan='auto': cannot tell which model {type(pipe).__name__} is; pass model=<id>.")
+    if cluster is None:
+        raise DitplanError("plan='auto' needs a cluster to plan for; pass cluster=<id or YAML path> (see `ditplan clusters`).")
+    adapter = adapter_for(pipe)
+    kwargs: dict[str, Any] = {"height": height, "width": width, "steps": steps}
+    if adapter.is_video and frames:
+        kwargs["frames"] = frames
+    result = search(model, cluster, world, **{k: v for k, v in kwargs.items() if v is not None})
+    chosen = result.to_plan() if hasattr(result, "to_plan") else result.best
+    return chosen.config, chosen.placement, chosen
+
+
+class ParallelPipeline:
+    """A diffusers pipeline bound to a parallel configuration; call it like the pipeline."""
+
+    def __init__(self, pipe: Any, config: ParallelConfig, placement: Placement, groups: ExecutorGroups,
+                 plan: Any = None, model_id: str | None = None, show_progress: bool | None = None) -> None:
+        self.pipe = pipe
+        self.adapter = adapter_for(pipe)
+        self.config = config
+        self.placement = placement
+        self.groups = groups
+        self.plan = plan
+        self.model_id = model_id
+        self.rank = groups.rank
+        self.show_progress = (self.rank == 0) if show_progress is None else (show_progress and self.rank == 0)
+        self.last_timings = RunTimings()
+        self.last_sizes: dict[str, Any] = {}
+        self._sp_handle = None
+        if config.sp > 1 and not (config.pipefusion > 1 or config.uses_patches):
+            self._sp_handle = _enable_sp(pipe.transformer, self.adapter.family, groups)
+
+    def layout(self) -> str:
+        """The rank layout (coordinates and groups per axis), printable."""
+        return self.groups.layout()
+
+    def _request(self, prompt: Any, negative_prompt: str | None, height: int | None, width: int | None,
+                 num_frames: int | None, num_inference_steps: int | None, guidance_scale: float | None,
+                 generator: Any, seed: int | None, output_type: str) -> GenerationRequest:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise DitplanError("prompt: give a text or a list of texts.")
+        if isinstance(generator, list):
+            if len(generator) != len(prompts):
+                raise DitplanError(f"generator: {len(generator)} generators for {len(prompts)} prompts; give one per prompt.")
+            generators = generator
+        else:
+            base = seed if seed is not None else (generator.initial_seed() if generator is not None else 0)
+            generators = [torch.Generator("cpu").manual_seed(int(base) + i) for i in range(len(prompts))]
+        return GenerationRequest(
+            prompts=prompts, negative_prompt=negative_prompt, height=height, width=width,
+            num_frames=num_frames if self.adapter.is_video else None, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, generators=generators, output_type=output_type,
+        )
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                 output_type: str = "pil", num_frames: int | None = None, seed: int | None = None,
+                 return_dict: bool = True) -> Any:
+        """Generate; rank 0 returns the pipeline-like output (`.images` or `.frames`), other ranks None."""
+        started = time.perf_counter()
+        timings = RunTimings()
+        request = self._request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
+                                guidance_scale, generator, seed, output_type)
+        job = self.adapter.prepare(request)
+        # Refuse, on every rank alike and before any collective, what this plan cannot do at this size.
+        problems = model_problems(self.config, self.adapter, self.model_id, job.height, job.width,
+                                  job.num_frames, job.num_steps)
+        if self.config.cfg == 2 and not job.do_cfg:
+            problems.append(f"cfg=2 but guidance_scale={job.guidance_scale} turns classifier-free guidance off")
+        _refuse(self.config, problems)
+        self.last_sizes = {"height": job.height, "width": job.width, "frames": job.num_frames,
+                           "steps": job.num_steps, "guidance_scale": job.guidance_scale}
+        share = _dp_share(len(request.prompts), self.config.dp, self.groups.coordinate("dp"))
+        local = job.subset(share) if self.config.dp > 1 else job
+        timings.prepare_s = time.perf_counter() - started
+
+        latents = None
+        loop_started = time.perf_counter()
+        if share:
+            progress = _progress_bar(local.num_steps) if self.show_progress else None
+
+            def on_step(index: int, seconds: float) -> None:
+                timings.step_s.append(seconds)
+                if progress is not None:
+                    progress.update()
+
+            try:
+                latents = denoise(local, self.adapter, self.config, self.groups, on_step=on_step)
+            finally:
+                if progress is not None:
+                    progress.close()
+        timings.loop_s = time.perf_counter() - loop_started
+
+        decode_started = time.perf_counter()
+        leader = self.groups.replica_leader
+        result = None
+        if share and leader and latents is not None:
+            result = self.adapter.decode(local, latents, output_type)
+        timings.decode_s = time.perf_counter() - decode_started
+
+        gather_started = time.perf_counter()
+        if self.config.dp > 1:
+            result = self._gather_replicas(result if leader else None)
+        timings.gather_s = time.perf_counter() - gather_started
+        timings.end_to_end_s = time.perf_counter() - started
+        self.last_timings = timings
+        if self.rank != 0:
+            return None
+        if not return_dict:
+            return (result,)
+        return ParallelOutput(frames=result) if self.adapter.is_video else ParallelOutput(images=result)
+
+    def _gather_replicas(self, local: Any) -> Any:
+        """Replica leaders' outputs, in dp order, merged on rank 0 (one object gather)."""
+        gathered: list[Any] | None = [None] * self.groups.world_size if self.rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        parts = [gathered[r] for r in self.groups.replica_leaders() if gathered[r] is not None]
+        return _merge(parts)
+
+    def close(self) -> None:
+        """Undo the sequence-parallel processors installed on the transformer."""
+        if self._sp_handle is not None:
+            self._sp_handle.remove()
+            self._sp_handle = None
+
+
+def _merge(parts: list[Any]) -> Any:
+    if not parts:
+        return None
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, list):
+        return [item for part in parts for item in part]
+    import numpy as np
+
+    return np.concatenate(parts)
+
+
+def _dp_share(count: int, dp: int, replica: int) -> list[int]:
+    """Prompt indices of one replica: contiguous, near-equal chunks in order (the first ones bigger)."""
+    base, extra = divmod(count, dp)
+    start = replica * base + min(replica, extra)
+    return list(range(start, start + base + (1 if replica < extra else 0)))
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="denoising", unit="step", leave=False)
+
+
+def _enable_sp(transformer: torch.nn.Module, family: str, groups: ExecutorGroups) -> Any:
+    try:
+        from executor.sp import enable_sequence_parallel
+    except ImportError as error:
+        raise DitplanError(f"sequence parallelism is not available in this build ({error}); use ulysses=1, ring=1.") from None
+    return enable_sequence_parallel(transformer, family, groups.group("ulysses"), groups.group("ring"))
+
+
+def parallelize(pipe: Any, plan: Any = "cfg=1", cluster: str | None = None, model: str | None = None,
+                backend: str | None = None, height: int | None = None, width: int | None = None,
+                frames: int | None = None, steps: int | None = None, show_progress: bool | None = None) -> ParallelPipeline:
+    """Bind `pipe` to a plan for this job (call inside torchrun, or alone for a one-process plan).
+
+    plan: a plan file path, a `planner.plan.Plan`, a configuration string ("cfg=2,ulysses=2") or
+    "auto" (the planner searches `cluster` for the job's world size; `model`, `height`, `width`,
+    `frames`, `steps` describe the generation to plan for and default to the model's).
+    Refuses a plan whose GPU count is not the world size, or that the model cannot take, on every
+    rank before any collective.
+    """
+    world = launched_world_size()
+    config, placement, plan_object = _resolve_plan(plan, pipe, cluster, model, world, height, width, frames, steps)
+    if config.world_size != world:
+        raise DitplanError(
+            f"plan {config} uses {config.world_size} GPUs but this job has {world} process(es); "
+            f"launch it with --nproc {config.world_size} (or choose a plan for {world})."
+        )
+    adapter = adapter_for(pipe)
+    model_id = model or getattr(plan_object, "model", None) or model_id_of(pipe)
+    size = (getattr(plan_object, "height", None), getattr(plan_object, "width", None),
+            getattr(plan_object, "frames", None), getattr(plan_object, "steps", None))
+    if all(value is not None for value in size):
+        _refuse(config, model_problems(config, adapter, model_id, *size))
+    else:
+        _refuse(config, model_problems(config, adapter, None, 0, 0, 1, 1))
+    init_distributed(backend)
+    groups = build_groups(config, placement)
+    if torch.cuda.is_available():
+        pipe.to(torch.device("cuda", torch.cuda.current_device()))
+    return ParallelPipeline(pipe, config, placement, groups, plan=plan_object, model_id=model_id, show_progress=show_progress)

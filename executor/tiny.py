@@ -1,0 +1,319 @@
+"""Tiny random-weight pipelines of the six DiT families, built offline from configs.
+
+Each `profiles/models/tiny-<id>.yaml` carries a `build:` mapping (the recipe: diffusers/transformers
+class names and config kwargs of every component) next to the cost-model figures of the result.
+`build_tiny_pipeline` instantiates the components with seeded random weights, makes a local
+tokenizer from a small built-in vocabulary (nothing is downloaded), saves the pipeline with
+`save_pretrained` and loads it back with the real `from_pretrained`, so the executor always runs
+what a user's `from_pretrained` would give it.
+
+A heavier variant for benchmarks: `derive_spec("tiny-flux-dev", "tiny-flux-dev-heavy",
+transformer={...}, defaults={...})` then `write_model_yaml(spec, path)` writes a YAML the cost
+model can read, with figures measured from the built modules.
+
+Python: `build_tiny_pipeline(model_id, seed=0, **transformer_overrides)`,
+`save_tiny_pipeline(model_id, folder, seed=0, **transformer_overrides)`.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from costmodel.errors import DitplanError
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "profiles" / "models"
+TINY_IDS: tuple[str, ...] = (
+    "tiny-pixart-alpha", "tiny-pixart-sigma", "tiny-sd3-medium", "tiny-flux-dev", "tiny-flux-schnell",
+    "tiny-hunyuan-dit", "tiny-cogvideox-2b", "tiny-latte",
+)
+
+# Words the tiny tokenizers know as whole tokens; anything else falls back to single characters.
+_WORDS = (
+    "a an the of on in with and at by photo picture painting cat dog horse astronaut man woman child "
+    "red blue green yellow white black sky sea tree forest river mountain city house car street night "
+    "sunset morning riding sitting standing flying over under beautiful small big old new low quality"
+).split()
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+# transformers model class -> its config class (the recipe names only the model class).
+_TEXT_CONFIGS = {
+    "T5EncoderModel": "T5Config",
+    "CLIPTextModel": "CLIPTextConfig",
+    "CLIPTextModelWithProjection": "CLIPTextConfig",
+    "BertModel": "BertConfig",
+}
+
+
+def spec_path(model_id: str) -> Path:
+    """The YAML of a tiny model id (or the path itself when given a .yaml path)."""
+    if model_id.endswith((".yaml", ".yml")):
+        return Path(model_id)
+    return MODELS_DIR / f"{model_id}.yaml"
+
+
+def is_tiny_model(model: str) -> bool:
+    """True for `tiny-*` ids with a YAML recipe (or a YAML path that carries `build:`)."""
+    if model.endswith((".yaml", ".yml")):
+        return Path(model).is_file() and "build" in (yaml.safe_load(Path(model).read_text()) or {})
+    return model.startswith("tiny-") and spec_path(model).is_file()
+
+
+def load_tiny_spec(model_id: str) -> dict[str, Any]:
+    """The model YAML as a dict; refuses ids without a `build:` recipe, naming the known ones."""
+    path = spec_path(model_id)
+    if not path.is_file():
+        known = sorted(p.stem for p in MODELS_DIR.glob("tiny-*.yaml"))
+        raise DitplanError(f"tiny model {model_id!r}: no recipe at {path}; the tiny models are {', '.join(known)}.")
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or "build" not in spec:
+        raise DitplanError(f"model file {path}: it has no 'build:' recipe, so it cannot be built as a tiny pipeline.")
+    return spec
+
+
+def derive_spec(
+    base_id: str, new_id: str, transformer: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A variant of a tiny recipe: transformer config overrides and new default sizes/steps.
+
+    `defaults` may set default_height, default_width, default_frames, default_steps.
+    """
+    spec = copy.deepcopy(load_tiny_spec(base_id))
+    spec["id"] = new_id
+    spec["source"] = f"derived from {base_id} with transformer overrides {dict(transformer or {})}"
+    spec["build"]["components"]["transformer"]["config"].update(transformer or {})
+    for key, value in (defaults or {}).items():
+        if key not in ("default_height", "default_width", "default_frames", "default_steps"):
+            raise DitplanError(f"derive_spec: {key!r} is not a default this recipe has.")
+        spec[key] = value
+    return spec
+
+
+# -- tokenizers ---------------------------------------------------------------------------------
+def _t5_tokenizer(cls: type, model_max_length: int) -> Any:
+    # A unigram vocabulary: specials first (T5: pad=0, eos=1, unk=2), then words, then characters.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + word, -2.0) for word in _WORDS]
+    vocab += [(char, -5.0) for char in _LETTERS]
+    return cls(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _clip_tokenizer(cls: type, model_max_length: int) -> Any:
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in _LETTERS:
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        # Merge each word left to right into one token so common words are single tokens.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((pieces[0], pieces[1]))
+            pieces = [merged] + pieces[2:]
+    return cls(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _bert_tokenizer(cls: type, model_max_length: int) -> Any:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_LETTERS, *_WORDS]
+    return cls(vocab={token: i for i, token in enumerate(dict.fromkeys(tokens))}, model_max_length=model_max_length)
+
+
+_TOKENIZER_KINDS = {"t5": _t5_tokenizer, "clip": _clip_tokenizer, "bert": _bert_tokenizer}
+
+
+# -- building -----------------------------------------------------------------------------------
+def _make_component(name: str, recipe: dict[str, Any]) -> Any:
+    class_name = recipe["class"]
+    if "tokenizer" in recipe:
+        import transformers
+
+        return _TOKENIZER_KINDS[recipe["tokenizer"]](getattr(transformers, class_name), recipe["model_max_length"])
+    if class_name in _TEXT_CONFIGS:
+        import transformers
+
+        config = getattr(transformers, _TEXT_CONFIGS[class_name])(**recipe["config"])
+        return getattr(transformers, class_name)(config)
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise DitplanError(f"tiny recipe component {name!r}: diffusers has no class {class_name!r}.")
+    config = dict(recipe.get("config") or {})
+    if not issubclass(cls, torch.nn.Module):
+        return cls.from_config(config)  # schedulers
+    return cls(**config)
+
+
+def quiet_libraries() -> None:
+    """Silence the loading chatter (progress bars, accelerate hints) of diffusers and transformers."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _instantiate(spec: dict[str, Any], seed: int) -> Any:
+    import diffusers
+
+    quiet_libraries()
+
+    build = spec["build"]
+    components: dict[str, Any] = {}
+    for index, (name, recipe) in enumerate(build["components"].items()):
+        # Seed each component separately so a change to one recipe leaves the others' weights alone.
+        torch.manual_seed(seed * 1000 + index)
+        components[name] = None if recipe is None else _make_component(name, recipe)
+    for component in components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipeline_cls = getattr(diffusers, build["pipeline"])
+    return pipeline_cls(**components, **(build.get("pipeline_kwargs") or {}))
+
+
+def save_tiny_pipeline(model_id: str | dict[str, Any], folder: str | Path, seed: int = 0, **transformer_overrides: Any) -> Path:
+    """Build the tiny pipeline (seeded) and `save_pretrained` it to `folder`; returns the folder."""
+    spec = load_tiny_spec(model_id) if isinstance(model_id, str) else copy.deepcopy(model_id)
+    spec["build"]["components"]["transformer"]["config"].update(transformer_overrides)
+    pipe = _instantiate(spec, seed)
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _write_missing_text_weights(pipe, folder)
+    return folder
+
+
+def _write_missing_text_weights(pipe: Any, folder: Path) -> None:
+    """Write transformers models' weights where their save_pretrained skipped them.
+
+    Inside an initialised torch.distributed job, transformers writes weights on global rank 0 only
+    (it assumes a shared checkpoint folder); each rank here saves to its own temporary folder, so
+    the other ranks write the same safetensors file themselves.
+    """
+    from safetensors.torch import save_model
+
+    for name, component in pipe.components.items():
+        target = folder / name
+        if isinstance(component, torch.nn.Module) and hasattr(component, "config") and target.is_dir():
+            if not any(target.glob("*.safetensors")):
+                component.config.save_pretrained(target)
+                save_model(component, str(target / "model.safetensors"))
+
+
+def build_tiny_pipeline(model_id: str | dict[str, Any], seed: int = 0, **transformer_overrides: Any) -> Any:
+    """The tiny pipeline of `model_id` (an id, a YAML path or a spec dict), loaded with `from_pretrained`.
+
+    Same id, seed and overrides -> bit-identical weights. `transformer_overrides` change the
+    transformer config (e.g. num_layers, attention_head_dim) for heavier variants.
+    """
+    import diffusers
+
+    with tempfile.TemporaryDirectory(prefix="ditplan-tiny-") as folder:
+        save_tiny_pipeline(model_id, folder, seed=seed, **transformer_overrides)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    # Lets the executor check plans against this model's profile (costmodel rules).
+    pipe.ditplan_model_id = model_id if isinstance(model_id, str) and not model_id.endswith((".yaml", ".yml")) else None
+    return pipe
+
+
+# -- cost-model figures measured from the built modules -----------------------------------------
+def _params(module: Any) -> int:
+    return int(sum(p.numel() for p in module.parameters())) if isinstance(module, torch.nn.Module) else 0
+
+
+def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
+    """The cost-model fields of `spec` as the built `pipe` really has them.
+
+    Text tokens are counted from a prepared job at the pipeline defaults (what the transformer sees).
+    """
+    from executor.families import adapter_for
+
+    cfg = pipe.transformer.config
+    family = spec["family"]
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(cfg.attention_head_dim)
+    hidden = heads * head_dim
+    figures: dict[str, Any] = {"hidden_size": hidden, "num_heads": heads, "head_dim": head_dim}
+    if family == "flux":
+        figures["blocks"] = [{"kind": "joint", "count": int(cfg.num_layers)}, {"kind": "single", "count": int(cfg.num_single_layers)}]
+        figures["patch_size"] = 2  # 2x2 latent pixels packed into one token by the pipeline
+        figures["in_channels"] = int(cfg.in_channels) // 4
+        mlp = pipe.transformer.single_transformer_blocks[0].proj_mlp.out_features
+    elif family == "sd3":
+        figures["blocks"] = [{"kind": "joint", "count": int(cfg.num_layers)}]
+        mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
+    elif family == "cogvideox":
+        figures["blocks"] = [{"kind": "single", "count": int(cfg.num_layers)}]
+        mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
+    elif family == "latte":
+        figures["blocks"] = [{"kind": "cross", "count": 1}, {"kind": "temporal", "count": 1}] * int(cfg.num_layers)
+        mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
+    elif family == "hunyuan":
+        figures["blocks"] = [{"kind": "cross", "count": int(cfg.num_layers)}]
+        hidden = int(cfg.hidden_size)
+        figures["hidden_size"] = hidden
+        mlp = pipe.transformer.blocks[0].ff.net[2].in_features
+    else:
+        figures["blocks"] = [{"kind": "cross", "count": int(cfg.num_layers)}]
+        mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
+    figures.setdefault("patch_size", int(cfg.patch_size))
+    figures.setdefault("in_channels", int(cfg.in_channels))
+    figures["mlp_ratio"] = float(mlp) / hidden
+    figures["params"] = _params(pipe.transformer)
+    if family == "cogvideox":
+        figures["temporal_patch_size"] = int(cfg.patch_size_t or 1)
+    figures["skip_connections"] = family == "hunyuan"
+
+    adapter = adapter_for(pipe)
+    from executor.families.base import GenerationRequest
+
+    request = GenerationRequest(
+        prompts=["a photo of a cat"], negative_prompt="", height=spec["default_height"], width=spec["default_width"],
+        num_frames=spec["default_frames"] if adapter.is_video else None, num_inference_steps=1,
+        generators=[torch.Generator().manual_seed(0)],
+    )
+    job = adapter.prepare(request)
+    text_states = job.branch_inputs["cond"]
+    tokens = sum(text_states[key].shape[1] for key in adapter.text_state_keys)
+    text_hidden = text_states[adapter.text_state_keys[0]].shape[-1]
+    encoders = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            encoders.append({"name": f"tiny-{type(module).__name__}", "params": _params(module)})
+    vae = pipe.vae
+    return {
+        "transformer": figures,
+        "text": {"tokens": int(tokens), "hidden": int(text_hidden), "joins_attention": family in ("sd3", "flux", "cogvideox"), "encoders": encoders},
+        "vae": {
+            "params": _params(vae),
+            "spatial_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+            "temporal_factor": int(getattr(vae.config, "temporal_compression_ratio", 1) or 1),
+            "latent_channels": int(vae.config.latent_channels),
+        },
+        "token_grid": list(job.token_grid),
+    }
+
+
+def write_model_yaml(spec: dict[str, Any], path: str | Path, seed: int = 0) -> Path:
+    """Build `spec`, measure its figures and write the model YAML (figures + `build:` recipe)."""
+    pipe = build_tiny_pipeline(spec, seed=seed)
+    measured = measured_figures(spec, pipe)
+    out: dict[str, Any] = {key: spec[key] for key in (
+        "id", "family", "source", "uses_cfg", "default_steps", "default_height", "default_width", "default_frames", "dtype_bytes")}
+    out["transformer"] = measured["transformer"]
+    out["text"] = measured["text"]
+    out["vae"] = measured["vae"]
+    out["build"] = spec["build"]
+    path = Path(path)
+    path.write_text(yaml.safe_dump(out, sort_keys=False, width=120))
+    return path

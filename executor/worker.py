@@ -1,0 +1,180 @@
+"""One rank of `ditplan run` (started by executor.launch, under torchrun when there are several).
+
+Loads the model, binds it to the plan, generates, and on rank 0 writes the PNGs and run.json into a
+temporary folder that replaces --out only once everything is written. A user mistake (DitplanError)
+is printed by rank 0 only (every rank refuses alike) and exits 2; any other error is printed by the
+rank that raised it and exits 1, and torchrun then stops the other ranks. A rank that only lost its
+peers says so in one line instead of repeating an error that is not its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from costmodel.errors import DitplanError
+
+PROG = "ditplan run"
+REFUSAL_GRACE_S = 60.0
+
+
+def _is_peer_loss(error: BaseException) -> bool:
+    """True for errors raised because another rank died (closed connections, aborted collectives)."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out"))
+
+
+def load_pipeline(model: str) -> Any:
+    from executor.tiny import build_tiny_pipeline, is_tiny_model, quiet_libraries
+
+    if is_tiny_model(model):
+        return build_tiny_pipeline(model, seed=0)
+    import diffusers
+    import torch
+
+    quiet_libraries()
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _save_outputs(output: Any, is_video: bool, folder: Path) -> list[str]:
+    names: list[str] = []
+    if is_video:
+        for index, frames in enumerate(output.frames):
+            for frame_index, frame in enumerate(frames):
+                name = f"video-{index:03d}-frame-{frame_index:03d}.png"
+                frame.save(folder / name)
+                names.append(name)
+    else:
+        for index, image in enumerate(output.images):
+            name = f"image-{index:03d}.png"
+            image.save(folder / name)
+            names.append(name)
+    return names
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished staging folder into place (replacing an earlier run's folder)."""
+    if out.exists():
+        retired = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, retired)
+        os.replace(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def run_worker(args: Any) -> int:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from executor.parallel import parallelize
+
+    started = time.perf_counter()
+    pipe = load_pipeline(args.model)
+    load_s = time.perf_counter() - started
+    parallel = parallelize(pipe, plan=args.plan, cluster=args.cluster, backend=args.backend)
+    rank = parallel.rank
+    if args.print_layout and rank == 0:
+        print(parallel.layout(), flush=True)
+    prompts = args.prompt or ["a photo of a cat"]
+    output = parallel(
+        prompt=prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        output_type="pil",
+    )
+    timings = parallel.last_timings.to_dict()
+    every_rank = [timings]
+    if parallel.groups.world_size > 1:
+        every_rank = [None] * parallel.groups.world_size if rank == 0 else None
+        dist.gather_object(timings, every_rank, dst=0)
+    if rank == 0:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            files = _save_outputs(output, parallel.adapter.is_video, staging)
+            loop_s = max(t["loop_s"] for t in every_rank)
+            end_to_end_s = max(t["end_to_end_s"] for t in every_rank)
+            sizes = parallel.last_sizes
+            record = {
+                "model": args.model,
+                "family": parallel.adapter.family,
+                "config": str(parallel.config),
+                "placement": list(parallel.placement.order),
+                "ranks": parallel.placement.table(),
+                "plan": args.plan,
+                "world_size": parallel.groups.world_size,
+                "backend": dist.get_backend() if dist.is_initialized() else "none",
+                "prompts": prompts,
+                "negative_prompt": args.negative_prompt,
+                "seed": args.seed,
+                **sizes,
+                "latency": {
+                    "loop_s": loop_s, "end_to_end_s": end_to_end_s, "load_s": load_s,
+                    "prepare_s": timings["prepare_s"], "decode_s": timings["decode_s"], "gather_s": timings["gather_s"],
+                    "step_s": timings["step_s"],
+                },
+                "per_rank": every_rank,
+                "files": files,
+                "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                             "diffusers": __import__("diffusers").__version__},
+            }
+            (staging / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+            _publish(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        steps = max(int(parallel.last_sizes["steps"]), 1)
+        print(f"{PROG}: {parallel.config} on {parallel.groups.world_size} process(es): denoising loop {loop_s:.3f} s "
+              f"({loop_s / steps:.3f} s/step), end to end {end_to_end_s:.3f} s; {len(files)} PNG(s) and run.json in {out}",
+              flush=True)
+    parallel.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from executor.launch import build_parser
+
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return run_worker(args)
+    except DitplanError as error:
+        if rank == 0:
+            print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+        else:
+            # Every rank refuses alike; rank 0 reports it. The others leave it time to do so: under
+            # torchrun the first rank to exit ends the job, and an early silent exit would hide the
+            # message. torchrun stops this rank as soon as rank 0 has exited.
+            time.sleep(REFUSAL_GRACE_S)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # noqa: BLE001 - the process boundary: report once, exit non-zero
+        if _is_peer_loss(error):
+            print(f"{PROG}: rank {rank} stopped: another rank failed", file=sys.stderr, flush=True)
+        else:
+            print(f"{PROG}: rank {rank} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: a process group whose peers died can block in its destructor.
+    os._exit(code)

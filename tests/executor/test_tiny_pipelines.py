@@ -1,0 +1,67 @@
+"""Tiny pipelines: offline, seeded, loaded with from_pretrained, cheap; their YAML figures are true."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import yaml
+
+from executor.tiny import MODELS_DIR, TINY_IDS, build_tiny_pipeline, derive_spec, load_tiny_spec, measured_figures, spec_path, write_model_yaml
+
+# Every tiny recipe shipped, the benchmark's heavier variants included.
+RECIPES = sorted(path.stem for path in MODELS_DIR.glob("tiny-*.yaml"))
+
+
+def test_every_family_has_its_tiny_models():
+    assert set(TINY_IDS) <= set(RECIPES)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model_id", RECIPES)
+def test_yaml_figures_match_the_built_modules(model_id):
+    torch.set_num_threads(1)
+    spec = load_tiny_spec(model_id)
+    pipe = build_tiny_pipeline(model_id)
+    measured = measured_figures(spec, pipe)
+    assert spec["transformer"] == measured["transformer"]
+    assert spec["text"] == measured["text"]
+    assert spec["vae"] == measured["vae"]
+    transformer = spec["transformer"]
+    assert sum(block["count"] for block in transformer["blocks"]) >= 4
+    assert transformer["num_heads"] % 4 == 0, "Ulysses 4 needs heads divisible by 4"
+    assert measured["token_grid"][1] % 16 == 0, "PipeFusion up to 16 patches needs token rows divisible by 16"
+    assert spec["vae"]["spatial_factor"] == 8 and spec["dtype_bytes"] == 4
+    assert next(pipe.transformer.parameters()).dtype == torch.float32
+
+
+@pytest.mark.timeout(120)
+def test_same_seed_same_weights_other_seed_other_weights():
+    first = build_tiny_pipeline("tiny-pixart-alpha", seed=3).transformer.state_dict()
+    again = build_tiny_pipeline("tiny-pixart-alpha", seed=3).transformer.state_dict()
+    other = build_tiny_pipeline("tiny-pixart-alpha", seed=4).transformer.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.timeout(120)
+def test_a_generation_is_cheap():
+    torch.set_num_threads(1)
+    pipe = build_tiny_pipeline("tiny-sd3-medium")
+    started = time.perf_counter()
+    pipe("a cat", height=256, width=256, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    assert time.perf_counter() - started < 5.0  # generous: the machine is shared; typically ~0.15 s
+
+
+@pytest.mark.timeout(120)
+def test_heavier_variant_gets_its_own_yaml(tmp_path):
+    spec = derive_spec("tiny-pixart-alpha", "tiny-pixart-alpha-heavy", transformer={"num_layers": 6, "attention_head_dim": 32},
+                       defaults={"default_height": 512, "default_width": 512})
+    path = write_model_yaml(spec, tmp_path / "tiny-pixart-alpha-heavy.yaml")
+    written = yaml.safe_load(path.read_text())
+    assert written["transformer"]["hidden_size"] == 128 and written["transformer"]["blocks"] == [{"kind": "cross", "count": 6}]
+    assert written["default_height"] == 512
+    built = build_tiny_pipeline(str(path))
+    assert built.transformer.config.num_layers == 6
+    assert written["transformer"]["params"] == sum(p.numel() for p in built.transformer.parameters())
+    assert spec_path("tiny-latte").is_file()
