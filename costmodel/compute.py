@@ -117,6 +117,12 @@ def elementwise_seconds(hw: HardwareSpec, nbytes: float, slab_bytes: float | Non
     return nbytes / rate
 
 
+def activation_seconds(hw: HardwareSpec, elements: float) -> float:
+    """The MLP activation's arithmetic beyond its memory passes: a profile's measured tanh-GELU
+    (compute bound on CPUs); none on GPUs, where it hides in the passes counted above."""
+    return hw.operations.activation_seconds(elements) if hw.operations is not None else 0.0
+
+
 @lru_cache(maxsize=65536)
 def _block_parts(hw: HardwareSpec, model: ModelSpec, work: BlockWork) -> tuple[float, float]:
     """(seconds outside the self/joint attention, seconds of the self/joint attention) on one GPU."""
@@ -152,6 +158,7 @@ def _block_parts(hw: HardwareSpec, model: ModelSpec, work: BlockWork) -> tuple[f
         g += _gemm_seconds(hw, img, 2 * h, h, b)
     passes = kernels_and_passes(model.family, work.kind)[1]  # per row; joint blocks count both streams' rows
     g += elementwise_seconds(hw, passes * (img + txt) * h * b, (img + txt) * h * b)
+    g += activation_seconds(hw, (img + txt) * mlp)
     attention = attention_seconds(hw, B * model.num_heads * work.head_fraction, work.attn_queries,
                                   work.attn_keys, model.head_dim)
     return g + other_attention, attention

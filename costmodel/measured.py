@@ -12,13 +12,19 @@ per-collective communication tables:
         taken: 2026-11-26T05:10:00Z
       operations:                    # seconds of one eager PyTorch operator, by its size
         serial_host: true            # the device is the CPU thread itself: dispatch and work add up
-        gemm: {points: [[flops, seconds], ...]}
-        attention: {points: [[flops, seconds], ...]}        # SDPA forward, 4 x B x heads x q x k x d
+        gemm: {points: [[flops, seconds], ...]}             # nn.Linear (x @ W^T + b), 2 m k n FLOPs
+        attention:                                          # SDPA forward, 4 x B x heads x q x k x d FLOPs,
+          - {head_dim: 32, points: [[flops, seconds], ...]} # one table per head dimension (the kernels'
+          - {head_dim: 64, points: [[flops, seconds], ...]} # inner loop length sets their rate)
         elementwise: {points: [[bytes, seconds], ...]}      # one pass (a read or a write) of a tensor
+        activation: {points: [[elements, seconds], ...]}    # tanh-GELU of the MLP's hidden activation
 
 When the operation tables are present they replace the hardware's roofline for GEMMs, attention
 and elementwise passes (interpolated in log-log space by size, as the communication tables are),
 so the efficiency curve by operation size is the measured one rather than a wave-quantised peak.
+The activation table adds the MLP activation's arithmetic where it is not memory bound (on CPUs
+tanh-GELU costs tens of passes' worth; a GPU hides it in the memory traffic, so without a table it
+costs nothing beyond its passes).
 
 This module imports neither torch nor diffusers: the torch version is read from the installed
 package's metadata.
@@ -34,6 +40,7 @@ from importlib import metadata
 from typing import Any
 
 from costmodel import strict
+from costmodel.errors import DitplanError
 
 
 class ProfileMismatchWarning(UserWarning):
@@ -45,15 +52,30 @@ class OperationTables:
     """Measured seconds of single operators by size; `table(size)` interpolates (log-log)."""
 
     gemm: Any  # costmodel.topology.MeasuredTable over FLOPs (2 m k n)
-    attention: Any  # over FLOPs (4 x batch x heads x queries x keys x head_dim)
+    attention: tuple[tuple[int, Any], ...]  # (head_dim, table over FLOPs 4 x batch x heads x q x k x d), by head_dim
     elementwise: Any  # over the bytes of one pass
+    activation: Any  # over elements of the MLP activation (tanh-GELU), or None
     serial_host: bool  # True when operator dispatch and the operator's work run on one thread
 
     def gemm_seconds(self, m: int, k: int, n: int) -> float:
         return self.gemm(2.0 * m * k * n)
 
     def attention_seconds(self, batch_heads: float, queries: int, keys: int, head_dim: int) -> float:
-        return self.attention(4.0 * batch_heads * queries * keys * head_dim)
+        """The table of the nearest head dimensions, interpolated linearly in between."""
+        flops = 4.0 * batch_heads * queries * keys * head_dim
+        dims = self.attention
+        if head_dim <= dims[0][0]:
+            return dims[0][1](flops)
+        if head_dim >= dims[-1][0]:
+            return dims[-1][1](flops)
+        for (d0, t0), (d1, t1) in zip(dims, dims[1:]):
+            if d0 <= head_dim <= d1:
+                weight = (head_dim - d0) / (d1 - d0)
+                return (1 - weight) * t0(flops) + weight * t1(flops)
+        raise AssertionError("head dimensions are sorted")
+
+    def activation_seconds(self, elements: float) -> float:
+        return self.activation(elements) if self.activation is not None and elements > 0 else 0.0
 
     def elementwise_seconds(self, nbytes: float, pass_bytes: float | None = None) -> float:
         """`nbytes` of traffic made of passes of `pass_bytes` each (default: one pass of all of it)."""
@@ -113,13 +135,24 @@ def parse_machine(data: Any, where: str) -> MachineRecord:
 
 def parse_operations(data: Any, where: str, table: Any) -> OperationTables:
     """The `operations` mapping; `table(entry, where, size_key)` is topology's strict table reader."""
-    strict.check_keys(data, where, ("gemm", "attention", "elementwise"), ("serial_host", "notes"))
-    tables = {}
-    for key, size_key in (("gemm", "flops"), ("attention", "flops"), ("elementwise", "bytes")):
+    strict.check_keys(data, where, ("gemm", "attention", "elementwise"), ("activation", "serial_host", "notes"))
+    tables = {"activation": None}
+    for key, size_key in (("gemm", "flops"), ("elementwise", "bytes"), ("activation", "elements")):
+        if key not in data:
+            continue
         entry_where = f"{where}.{key}"
         strict.check_keys(data[key], entry_where, ("points",), ("notes",))
         tables[key] = table(data[key], entry_where, size_key)
-    return OperationTables(serial_host=strict.boolean(data, "serial_host", where, default=False), **tables)
+    by_dim = {}
+    for index, entry in enumerate(strict.sequence(data, "attention", where)):
+        entry_where = f"{where}.attention[{index}]"
+        strict.check_keys(entry, entry_where, ("head_dim", "points"), ("notes",))
+        head_dim = strict.integer(entry, "head_dim", entry_where)
+        if head_dim in by_dim:
+            raise DitplanError(f"{entry_where}.head_dim: {head_dim} appears twice; give one table per head dimension.")
+        by_dim[head_dim] = table(entry, entry_where, "flops")
+    return OperationTables(attention=tuple(sorted(by_dim.items())),
+                           serial_host=strict.boolean(data, "serial_host", where, default=False), **tables)
 
 
 def mismatch(record: MachineRecord) -> str | None:

@@ -21,7 +21,7 @@ from costmodel.errors import DitplanError
 
 PATTERNS = ("p2p", "all_to_all", "all_gather")
 SIZES = tuple(4096 * 4**e for e in range(8))  # 4 KiB .. 64 MiB
-START_TIMEOUT_S = 120.0  # spawning processes that import torch takes ~5-10 s each on a loaded machine
+NO_PROGRESS_TIMEOUT_S = 120.0  # the slowest step: spawning processes that import torch (~5-10 s each on a loaded machine)
 
 
 ROUNDS = 2
@@ -103,13 +103,14 @@ def _worker(rank: int, world: int, port: int, backend: str, sizes: tuple[int, ..
         results.put(("done",))
 
 
-def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] = SIZES,
+def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] | None = None,
             tick: Callable[[], None] = lambda: None) -> dict[str, list[tuple[int, float]]]:
     """{pattern: [(bytes per rank, seconds), ...]} for `world` processes; `tick` is called
     `ROUNDS x len(PATTERNS) x len(sizes)` times as the measurement advances.
 
     Ctrl-C or SIGTERM (turned into KeyboardInterrupt by the caller) stops every worker it started.
     """
+    sizes = SIZES if sizes is None else sizes
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     port = _free_port()
@@ -131,9 +132,9 @@ def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] = SIZES,
                     rank, code = failed[0]
                     raise DitplanError(f"communication measurement on {world} processes failed: rank {rank} exited "
                                        f"with code {code} (is the {backend} backend usable here?).")
-                if time.monotonic() - last_news > START_TIMEOUT_S:
+                if time.monotonic() - last_news > NO_PROGRESS_TIMEOUT_S:
                     raise DitplanError(f"communication measurement on {world} processes made no progress for "
-                                       f"{START_TIMEOUT_S:.0f} s; stopped it.")
+                                       f"{NO_PROGRESS_TIMEOUT_S:.0f} s; stopped it.")
                 continue
             last_news = time.monotonic()
             if message[0] == "done":

@@ -18,13 +18,29 @@ from typing import Callable
 GEMM_ROWS = (32, 128, 512, 2048, 8192)
 GEMM_HIDDEN = (64, 128, 256, 512)
 GEMM_SHAPES = tuple((rows, k, n) for rows in GEMM_ROWS for h in GEMM_HIDDEN for k, n in ((h, 4 * h), (4 * h, h)))
-# SDPA: queries of a patch or a sequence shard against keys of the whole sequence; 8 (batch x heads).
+# SDPA: queries of a patch or a sequence shard against keys of the whole sequence; 8 (batch x heads);
+# one series per head dimension, since the kernels' rate depends on it (CPU: 16 -> 64 nearly doubles).
 ATTENTION_BATCH_HEADS = 8
-ATTENTION_SHAPES = tuple((q, k, d) for q in (64, 256, 1024) for k in (256, 1024, 4096) for d in (32, 64) if q <= k)
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
+ATTENTION_SHAPES = tuple((q, k, d) for d in ATTENTION_HEAD_DIMS for q in (64, 256, 1024) for k in (256, 1024, 4096) if q <= k)
+# tanh-GELU over an MLP activation of rows x 4h elements.
+ACTIVATION_ELEMENTS = tuple(4**e for e in range(8, 13))
 # One elementwise pass (a read or a write) of 16 KiB .. 64 MiB tensors: cache-resident to DRAM (and
 # beyond 32 MiB, where glibc maps fresh pages for every temporary and page faults dominate).
 ELEMENTWISE_BYTES = tuple(2**e for e in range(14, 27, 2))
 REPEATS = 3
+# The same operators at real DiT sizes for a GPU (a CPU thread's sizes would only time launches):
+# rows from a PipeFusion patch to PixArt's 2048x2048 CFG batch (2 x 16384), hidden sizes of PixArt
+# and Flux, head dimensions 64/72/128, passes from L2-resident to HBM-sized.
+GPU_GEMM_SHAPES = tuple((rows, k, n) for rows in (256, 1024, 4096, 16384, 32768) for h in (1152, 3072)
+                        for k, n in ((h, 4 * h), (4 * h, h)))
+GPU_ATTENTION_SHAPES = tuple((q, k, d) for d in (64, 72, 128) for q in (1024, 4096, 16384) for k in (4096, 16384) if q <= k)
+GPU_ELEMENTWISE_BYTES = tuple(2**e for e in range(16, 31, 2))
+GPU_ACTIVATION_ELEMENTS = tuple(4**e for e in range(9, 15))
+
+
+def _default(device: str, cpu: tuple, gpu: tuple) -> tuple:
+    return gpu if device.startswith("cuda") else cpu
 
 
 @dataclass(frozen=True)
@@ -43,37 +59,48 @@ def _synchronizer(device: str) -> Callable[[], None]:
 
 
 def median_seconds(call: Callable[[], object], repeats: int = REPEATS, device: str = "cpu") -> float:
-    """Median wall time of `call` after one warm-up call (GPU work included: synchronised)."""
+    """Median time of `call` after one warm-up call.
+
+    On the CPU (torch with one thread computes in the calling thread) this is the thread's CPU
+    time, so other processes sharing the cores do not stretch it: the profile describes the core,
+    not the moment's load. On a GPU it is wall time around a synchronised call.
+    """
     sync = _synchronizer(device)
+    clock = time.perf_counter if device.startswith("cuda") else time.thread_time
     call()
     sync()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         call()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
-def gemm_samples(shapes=GEMM_SHAPES, tick: Callable[[], None] = lambda: None, device: str = "cpu",
+def gemm_samples(shapes: tuple | None = None, tick: Callable[[], None] = lambda: None, device: str = "cpu",
                  dtype: str = "float32") -> list[Sample]:
     import torch
 
+    shapes = _default(device, GEMM_SHAPES, GPU_GEMM_SHAPES) if shapes is None else shapes
     samples = []
+    import torch.nn.functional as F
+
     kind = getattr(torch, dtype)
     for m, k, n in shapes:
-        a, b = torch.randn(m, k, device=device, dtype=kind), torch.randn(k, n, device=device, dtype=kind)
-        samples.append(Sample(2.0 * m * k * n, median_seconds(lambda: torch.matmul(a, b), device=device), (m, k, n)))
+        # As nn.Linear runs it in diffusers' blocks: x @ W^T + bias.
+        x, weight, bias = (torch.randn(*shape, device=device, dtype=kind) for shape in ((m, k), (n, k), (n,)))
+        samples.append(Sample(2.0 * m * k * n, median_seconds(lambda: F.linear(x, weight, bias), device=device), (m, k, n)))
         tick()
     return samples
 
 
-def attention_samples(shapes=ATTENTION_SHAPES, tick: Callable[[], None] = lambda: None, device: str = "cpu",
+def attention_samples(shapes: tuple | None = None, tick: Callable[[], None] = lambda: None, device: str = "cpu",
                       dtype: str = "float32") -> list[Sample]:
     import torch
     import torch.nn.functional as F
 
+    shapes = _default(device, ATTENTION_SHAPES, GPU_ATTENTION_SHAPES) if shapes is None else shapes
     samples = []
     bh = ATTENTION_BATCH_HEADS
     kind = getattr(torch, dtype)
@@ -86,17 +113,34 @@ def attention_samples(shapes=ATTENTION_SHAPES, tick: Callable[[], None] = lambda
     return samples
 
 
-def elementwise_samples(sizes=ELEMENTWISE_BYTES, tick: Callable[[], None] = lambda: None, device: str = "cpu",
+def elementwise_samples(sizes: tuple | None = None, tick: Callable[[], None] = lambda: None, device: str = "cpu",
                         dtype: str = "float32") -> list[Sample]:
     """`x * 1.5` reads one tensor and writes a fresh one: two passes of `size` bytes."""
     import torch
 
+    sizes = _default(device, ELEMENTWISE_BYTES, GPU_ELEMENTWISE_BYTES) if sizes is None else sizes
     samples = []
     kind = getattr(torch, dtype)
     width = torch.empty((), dtype=kind).element_size()
     for size in sizes:
         x = torch.randn(size // width, device=device, dtype=kind)
         samples.append(Sample(float(size), median_seconds(lambda: x * 1.5, device=device) / 2.0, (size,)))
+        tick()
+    return samples
+
+
+def activation_samples(sizes: tuple | None = None, tick: Callable[[], None] = lambda: None, device: str = "cpu",
+                       dtype: str = "float32") -> list[Sample]:
+    """tanh-GELU (diffusers' GELU(approximate="tanh") in PixArt, SD3, Flux, CogVideoX, Latte MLPs)."""
+    import torch
+    import torch.nn.functional as F
+
+    sizes = _default(device, ACTIVATION_ELEMENTS, GPU_ACTIVATION_ELEMENTS) if sizes is None else sizes
+    samples = []
+    kind = getattr(torch, dtype)
+    for elements in sizes:
+        x = torch.randn(elements, device=device, dtype=kind)
+        samples.append(Sample(float(elements), median_seconds(lambda: F.gelu(x, approximate="tanh"), device=device), (elements,)))
         tick()
     return samples
 

@@ -23,12 +23,13 @@ def _round(value: float, digits: int = 4) -> float:
 
 
 def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float, l2_cache_mb: float, host_op_us: float,
-                  gemm: list[list[float]], attention: list[list[float]], elementwise: list[list[float]],
+                  gemm: list[list[float]], attention: dict[int, list[list[float]]], elementwise: list[list[float]],
+                  activation: list[list[float]],
                   communication: dict[tuple[str, int], list[list[float]]], fits: dict[tuple[str, int], LinearFit],
                   backend: str) -> dict[str, Any]:
     """The profile as a mapping, ready for YAML. Tables are [size, seconds] points."""
     gemm_peak = max(size / seconds for size, seconds in gemm)
-    attention_peak = max(size / seconds for size, seconds in attention)
+    attention_peak = max(size / seconds for points in attention.values() for size, seconds in points)
     # The streaming rate of passes that stay in the cache hierarchy up to DRAM (1-16 MiB); bigger
     # temporaries get fresh pages from the kernel, which the elementwise table itself captures.
     streaming = [size / seconds for size, seconds in elementwise if 2**20 <= size <= 2**24] or \
@@ -47,26 +48,44 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
             entry["notes"] = fits[(pattern, count)].describe()
         comm_entries.append(entry)
     taken = machine["taken"]
+    # Key order matters for truncation: every section after `measured` ends in required fields and
+    # the file's last lines are the required link figures, so a file cut anywhere at a line boundary
+    # (or inside a table) lacks a required key or is malformed YAML, and the loader refuses it.
+    hardware = {
+        "id": f"cpu-thread-{machine['fingerprint']}" if "accelerator" not in machine else f"measured-{machine['fingerprint']}",
+        "name": f"{machine['cpu']} (one thread)" if "accelerator" not in machine else machine["accelerator"],
+        "source": "measured by ditplan profile: peak = the best GEMM rate it saw, so the efficiencies are "
+                  "relative to that; memory = RAM / logical CPUs (CPU) or the device's memory (GPU)",
+        "peak_tflops": _round(gemm_peak / 1e12),
+        "matmul_efficiency": 1.0,
+        "attention_efficiency": _round(min(1.0, attention_peak / gemm_peak)),
+        "memory_bandwidth_gbs": _round(sorted(streaming)[len(streaming) // 2] / 1e9),
+        "memory_efficiency": 1.0,
+        "memory_gb": _round(memory_gb),
+        "sm_count": 1,
+        "l2_cache_mb": _round(l2_cache_mb),
+    }
     return {
         "id": profile_id,
-        "description": (f"this machine ({machine['cpu']}, {machine['cpus']} CPUs) as `ditplan profile` measured it "
-                        f"on {taken}: each GPU is one process with one thread, {backend} over loopback"),
+        "description": (f"this machine ({machine.get('accelerator') or machine['cpu']}, {machine['cpus']} CPUs) as "
+                        f"`ditplan profile` measured it on {taken}: each GPU is one process"
+                        f"{'' if 'accelerator' in machine else ' with one thread'}, {backend} between processes"),
         "source": f"ditplan profile, {taken}, torch {machine['torch']}",
-        "hardware": {
-            "id": f"cpu-thread-{machine['fingerprint']}",
-            "name": f"{machine['cpu']} (one thread)",
-            "source": "measured by ditplan profile: peak = the best single-thread GEMM rate it saw, so the "
-                      "efficiencies are relative to that; memory = RAM / logical CPUs",
-            "peak_tflops": _round(gemm_peak / 1e12),
-            "matmul_efficiency": 1.0,
-            "attention_efficiency": _round(min(1.0, attention_peak / gemm_peak)),
-            "memory_bandwidth_gbs": _round(sorted(streaming)[len(streaming) // 2] / 1e9),
-            "memory_efficiency": 1.0,
-            "memory_gb": _round(memory_gb),
-            "sm_count": 1,
-            "l2_cache_mb": _round(l2_cache_mb),
+        "measured": {
+            "source": f"ditplan profile, {taken}",
+            "machine": machine,
+            "operations": {
+                "serial_host": "accelerator" not in machine,
+                "gemm": {"points": gemm, "notes": "nn.Linear (x @ W^T + b) at DiT block shapes, by FLOPs (2 m k n)"},
+                "attention": [{"head_dim": head_dim, "points": points,
+                               "notes": "SDPA forward, by FLOPs (4 x batch x heads x q x k x d)"}
+                              for head_dim, points in sorted(attention.items())],
+                "elementwise": {"points": elementwise, "notes": "seconds of one pass (read or write) by its bytes"},
+                "activation": {"points": activation, "notes": "tanh-GELU by elements"},
+            },
+            "communication": comm_entries,
         },
-        "nodes": 1,
+        "hardware": hardware,
         "node": {
             "sockets": 1,
             "switches_per_socket": 1,
@@ -80,23 +99,24 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
                     "efficiency": 1.0,
                     "alltoall_efficiency": _round(a2a_fraction),
                     "latency_us": _round(hop_latency_us),
-                    "source": f"{backend} over loopback between processes, fitted by ditplan profile "
-                              f"(point-to-point on {ranks[0]} processes); used only where no measured table applies",
+                    "source": f"{backend} between processes, fitted by ditplan profile (point-to-point on "
+                              f"{ranks[0]} processes); used only where no measured table applies",
                 },
             },
         },
-        "measured": {
-            "source": f"ditplan profile, {taken}",
-            "machine": machine,
-            "operations": {
-                "serial_host": True,
-                "gemm": {"points": gemm, "notes": "torch.matmul at DiT block shapes, by FLOPs (2 m k n)"},
-                "attention": {"points": attention, "notes": "SDPA forward, by FLOPs (4 x batch x heads x q x k x d)"},
-                "elementwise": {"points": elementwise, "notes": "seconds of one pass (read or write) by its bytes"},
-            },
-            "communication": comm_entries,
-        },
     }
+
+
+class _ProfileDumper(yaml.SafeDumper):
+    """Block style throughout, except a list of numbers: one [size, seconds] point per line."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ProfileDumper.add_representer(list, _represent_list)
 
 
 @contextmanager
@@ -128,8 +148,7 @@ def write_atomically(path: str | Path, profile: dict[str, Any], check=None) -> P
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write("# Written by `ditplan profile`; schema: profiles/clusters/*.yaml + costmodel/measured.py\n")
-            # Flow style for the innermost lists: one [size, seconds] point per line.
-            yaml.safe_dump(profile, stream, sort_keys=False, width=120, default_flow_style=None)
+            yaml.dump(profile, stream, Dumper=_ProfileDumper, sort_keys=False, width=120, default_flow_style=False)
             stream.flush()
             os.fsync(stream.fileno())
         umask = os.umask(0)

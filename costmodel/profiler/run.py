@@ -92,11 +92,15 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
     device = "cuda" if cuda else "cpu"
     dtype = "bfloat16" if cuda else "float32"
     backend = "nccl" if cuda and max(counts) <= torch.cuda.device_count() else "gloo"
-    total = (len(compute_bench.GEMM_SHAPES) + len(compute_bench.ATTENTION_SHAPES) + len(compute_bench.ELEMENTWISE_BYTES) + 1
+    shapes = ((compute_bench.GPU_GEMM_SHAPES, compute_bench.GPU_ATTENTION_SHAPES, compute_bench.GPU_ELEMENTWISE_BYTES,
+               compute_bench.GPU_ACTIVATION_ELEMENTS) if cuda else
+              (compute_bench.GEMM_SHAPES, compute_bench.ATTENTION_SHAPES, compute_bench.ELEMENTWISE_BYTES,
+               compute_bench.ACTIVATION_ELEMENTS))
+    total = (sum(len(series) for series in shapes) + 1
              + sum(comm_bench.ROUNDS * len(comm_bench.PATTERNS) * len(comm_bench.SIZES) for _ in counts))
     threads = torch.get_num_threads()
-    bar = _progress(total, progress)
     with sigterm_as_interrupt():
+        bar = _progress(total, progress)
         try:
             torch.set_num_threads(1)
             bar.set_description("compute: GEMM")
@@ -105,6 +109,8 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
             attention = compute_bench.attention_samples(tick=bar.update, device=device, dtype=dtype)
             bar.set_description("compute: elementwise")
             elementwise = compute_bench.elementwise_samples(tick=bar.update, device=device, dtype=dtype)
+            bar.set_description("compute: activation")
+            activation = compute_bench.activation_samples(tick=bar.update, device=device, dtype=dtype)
             bar.set_description("compute: operator host cost")
             host_op_s = compute_bench.host_op_seconds(PIXART_BLOCK_OPERATORS)
             bar.update()
@@ -127,23 +133,31 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
         if cuda:
             machine["accelerator"] = torch.cuda.get_device_name(0)
         gemm_points = fit.binned_table((s.size, s.seconds) for s in gemm)
-        attention_points = fit.binned_table((s.size, s.seconds) for s in attention)
+        attention_points = {d: fit.binned_table((s.size, s.seconds) for s in attention if s.shape[-1] == d)
+                            for d in sorted({s.shape[-1] for s in attention})}
+        activation_points = fit.monotone_points((s.size, s.seconds) for s in activation)
         elementwise_points = fit.monotone_points((s.size, s.seconds) for s in elementwise)
         profile = build_profile(
             profile_id=f"profiled-{machine['fingerprint']}", machine=machine,
             memory_gb=memory_gb() / (os.cpu_count() or 1) if not cuda else torch.cuda.get_device_properties(0).total_memory / 1e9,
             l2_cache_mb=torch.cuda.get_device_properties(0).L2_cache_size / 1e6 if cuda else l2_cache_mb(),
             host_op_us=host_op_s * 1e6, gemm=gemm_points, attention=attention_points, elementwise=elementwise_points,
+            activation=activation_points,
             communication={key: fit.monotone_points(samples) for key, samples in communication.items()},
             fits=fits, backend=backend,
         )
         path = write_atomically(out, profile, check=check)
     lines = [
         fit.rate_summary(gemm_points, 1e9, "GEMM GFLOP/s by FLOPs"),
-        fit.rate_summary(attention_points, 1e9, "attention GFLOP/s by FLOPs"),
+        *(fit.rate_summary(points, 1e9, f"attention (head dim {d}) GFLOP/s by FLOPs") for d, points in attention_points.items()),
         fit.rate_summary(elementwise_points, 1e9, "elementwise GB/s per pass by bytes"),
+        fit.rate_summary(activation_points, 1e9, "tanh-GELU G elements/s by elements"),
         f"host cost per eager operator (diffusers block): {host_op_s * 1e6:.1f} us",
     ]
     for (pattern, count), result in sorted(fits.items(), key=lambda item: (item[0][1], item[0][0])):
         lines.append(f"{pattern} on {count} processes: {result.describe()}")
+    crowded = [count for count in counts if not cuda and count > (os.cpu_count() or 1)]
+    if crowded:
+        lines.append(f"note: {', '.join(map(str, crowded))} processes outnumber this machine's {os.cpu_count()} cores; "
+                     "their communication tables include the time-sharing, but the compute figures assume a core each")
     return ProfileReport(path=path, lines=lines)
