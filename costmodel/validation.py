@@ -83,7 +83,32 @@ def validation_table(path: str | Path | None = None, measured: str | Path | None
     table = pd.DataFrame(rows)
     for column in ("latency_s", "height", "width", "frames", "steps", "gpus"):
         table[column] = pd.to_numeric(table[column])
+    table["linear_bound_s"] = _linear_bounds(table)
+    table["beats_linear"] = table["latency_s"] < table["linear_bound_s"]
     return table
+
+
+def _linear_bounds(table) -> list[float]:
+    """Per row, the scenario's one-GPU latency divided by the row's GPU count (NaN without a one-GPU row).
+
+    Splitting one generation over N GPUs at best divides the per-GPU work by N, so a published figure
+    below this bound is faster than perfect scaling: worth flagging, since no model of per-GPU work and
+    communication can reach it.
+    """
+    serial = table[table["gpus"] == 1].groupby("scenario")["latency_s"].min()
+    return [float(serial[s]) / g if s in serial.index else math.nan for s, g in zip(table["scenario"], table["gpus"])]
+
+
+def superlinear_notes(table) -> list[str]:
+    """One sentence per published row that beats perfect scaling of its scenario's one-GPU row."""
+    notes = []
+    for row in table[table["beats_linear"]].to_dict(orient="records"):
+        serial = row["linear_bound_s"] * row["gpus"]
+        notes.append(
+            f"{row['scenario']} {row['config']}: published {row['latency_s']:g} s is faster than perfect scaling of "
+            f"the scenario's one-GPU row ({serial:g} s / {row['gpus']} = {row['linear_bound_s']:.2f} s)."
+        )
+    return notes
 
 
 def scenario_summary(table) -> "Any":

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from costmodel.validation import scenario_summary, validation_table
+    from costmodel.validation import scenario_summary, superlinear_notes, validation_table
 
     table = validation_table(args.published, args.measured)
     summary = scenario_summary(table)
@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
             "scenarios": summary.to_dict(orient="records"),
             "median_abs_error_pct": median,
             "best_agrees": f"{agree}/{len(summary)}",
+            "superlinear_notes": superlinear_notes(table),
         })
         return 0
     from costmodel import ParallelConfig
@@ -51,4 +52,6 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"median absolute error: {median:.1f}% over {int(table['error_pct'].notna().sum())} rows; "
           f"predicted best = published best in {agree} of {len(summary)} scenarios")
+    for note in superlinear_notes(table):
+        print(f"note: {note}")
     return 0

@@ -39,3 +39,21 @@ def test_end_to_end_rows_add_text_encoding_and_vae(table):
     docs = table[table["source"].str.contains("xDiT docs")]
     assert (docs["timed"] == "end to end").all()
     assert (table.loc[~table.index.isin(docs.index), "timed"] == "denoising loop").all()
+
+
+def test_rows_faster_than_perfect_scaling_are_flagged(tmp_path):
+    from costmodel.validation import superlinear_notes, validation_table
+
+    header = "scenario,model,height,width,frames,steps,cluster,gpus,cfg,ulysses,ring,pipefusion,patches,warmup,dp,latency_s,quality,source"
+    rows = [
+        "s,pixart-alpha,1024,1024,1,20,l40-pcie-8,1,1,1,1,1,,,1,8.0,exact,test",
+        "s,pixart-alpha,1024,1024,1,20,l40-pcie-8,8,1,1,8,1,,,1,0.9,exact,test",  # 8.0 / 8 = 1.0 > 0.9
+        "s,pixart-alpha,1024,1024,1,20,l40-pcie-8,8,1,1,1,8,,1,1,1.1,exact,test",
+        "t,pixart-alpha,1024,1024,1,20,l40-pcie-8,8,1,8,1,1,,,1,0.1,exact,test",  # no one-GPU row: no bound
+    ]
+    path = tmp_path / "rows.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    table = validation_table(path)
+    assert list(table["beats_linear"]) == [False, True, False, False]
+    notes = superlinear_notes(table)
+    assert len(notes) == 1 and "8 s / 8 = 1.00 s" in notes[0]
