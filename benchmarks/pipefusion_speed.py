@@ -14,7 +14,7 @@ bytes, the bytes it sent, and its peak resident memory; next to each, the cost m
 (`costmodel.simulate` on --cluster with 2 GPUs: its params and kv_buffers parts, in the model's
 fp32). Other load on the machine shows in these figures: run it on an otherwise idle machine.
 
-    .venv/bin/python benchmarks/pipefusion_speed.py [--patches 2 4 8] [--steps 4] [--repeats 2]
+    .venv/bin/python benchmarks/pipefusion_speed.py [--patches 2 4 8] [--steps 8] [--warmup 1] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     from executor.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(heavy_spec(args["layers"], args["head_dim"], args["size"]), seed=0)
-    plans = ["cfg=1"] if world == 1 else [f"pipefusion=2,patches={m},warmup=1" for m in args["patches"]]
+    plans = ["cfg=1"] if world == 1 else [f"pipefusion=2,patches={m},warmup={args['warmup']}" for m in args["patches"]]
     rows = []
     for plan in plans:
         parallel = parallelize(pipe, plan=plan, show_progress=False)
@@ -86,14 +86,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def predictions(yaml_path: Path, cluster: str, patches: list[int], steps: int) -> dict[str, dict]:
+def predictions(yaml_path: Path, cluster: str, patches: list[int], steps: int, warmup: int) -> dict[str, dict]:
     from costmodel import load_cluster, load_model, simulate
 
     model, machine = load_model(str(yaml_path)), load_cluster(cluster, gpus=2)
     out = {}
     for m in patches:
-        result = simulate(model, machine, f"pipefusion=2,patches={m},warmup=1", steps=steps)
-        out[f"pipefusion=2,patches={m},warmup=1"] = result.memory
+        plan = f"pipefusion=2,patches={m},warmup={warmup}"
+        out[plan] = simulate(model, machine, plan, steps=steps).memory
     out["cfg=1"] = simulate(model, load_cluster(cluster, gpus=1), "cfg=1", steps=steps).memory
     return out
 
@@ -102,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patches", type=int, nargs="+", default=[2, 4, 8], help="patch counts M to time under pipefusion=2")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per call")
+    parser.add_argument("--warmup", type=int, default=1, help="synchronous full-image steps before the patch pipeline (0: none)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per configuration (after one warm-up call)")
     parser.add_argument("--layers", type=int, default=8, help="transformer blocks of the heavy variant")
     parser.add_argument("--head-dim", type=int, default=64, help="attention head dim of the heavy variant (heads stay the tiny model's)")
@@ -115,10 +116,10 @@ def main() -> None:
 
     quiet_libraries()
     settings = {"layers": args.layers, "head_dim": args.head_dim, "size": args.size, "steps": args.steps,
-                "repeats": args.repeats, "patches": args.patches}
+                "repeats": args.repeats, "patches": args.patches, "warmup": args.warmup}
     with tempfile.TemporaryDirectory() as folder:
         yaml_path = write_model_yaml(heavy_spec(args.layers, args.head_dim, args.size), Path(folder) / f"{BASE}-heavy.yaml")
-        predicted = predictions(yaml_path, args.cluster, args.patches, args.steps)
+        predicted = predictions(yaml_path, args.cluster, args.patches, args.steps, args.warmup)
         out = str(Path(folder) / "rows")
         started = time.perf_counter()
         for world in (1, 2):

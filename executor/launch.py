@@ -63,7 +63,10 @@ def resolve_plan(args: argparse.Namespace) -> tuple[ParallelConfig, Placement, s
         sizes = {k: v for k, v in (("height", args.height), ("width", args.width), ("steps", args.steps)) if v}
         if args.frames:
             sizes["frames"] = args.frames
-        plan = search(spec.id if hasattr(spec, "id") else args.model, args.cluster, args.nproc, **sizes).to_plan()
+        # One replica per prompt at most: with fewer prompts than replicas some would idle, which the
+        # planner's per-image latency would not see.
+        prompts = len(args.prompt) if args.prompt else 1
+        plan = search(spec.id if hasattr(spec, "id") else args.model, args.cluster, args.nproc, max_dp=prompts, **sizes).to_plan()
         handle, path = tempfile.mkstemp(prefix="ditplan-auto-", suffix=".json")
         os.close(handle)
         plan.save(path)

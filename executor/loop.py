@@ -9,7 +9,8 @@
 * PipeFusion (pipefusion > 1 or patches > 1): delegated to `executor.pipefusion.denoise`;
 * data parallel: handled one level up (each replica runs this loop on its share of the prompts).
 
-Test hook: DITPLAN_FAIL_AT="RANK:STEP" makes that global rank raise at that step (failure tests).
+Test hook: DITPLAN_FAIL_AT="RANK:STEP" makes that global rank raise at that step (failure tests;
+under PipeFusion as soon as the rank has done its part of the step before, mid-pipeline).
 """
 from __future__ import annotations
 
@@ -40,6 +41,27 @@ def _failure_step(rank: int) -> int | None:
     return int(step or 0) if int(fail_rank) == rank else None
 
 
+def _injected_failure(step_index: int) -> InjectedFailure:
+    return InjectedFailure(f"injected failure at step {step_index} ({FAIL_AT_ENV}={os.environ[FAIL_AT_ENV]})")
+
+
+def _failing_after(on_step: Callable[[int, float], None] | None, fail_step: int | None) -> Callable[[int, float], None] | None:
+    """`on_step` for PipeFusion, which owns its step loop: the test hook fires when this rank is done
+    with the step before `fail_step` (mid-pipeline: the other stages are still at work)."""
+    if fail_step is None:
+        return on_step
+    if fail_step == 0:
+        raise _injected_failure(0)
+
+    def on_step_then_fail(step_index: int, seconds: float) -> None:
+        if on_step is not None:
+            on_step(step_index, seconds)
+        if step_index + 1 == fail_step:
+            raise _injected_failure(fail_step)
+
+    return on_step_then_fail
+
+
 def denoise(
     job: DenoiseJob,
     adapter: FamilyAdapter,
@@ -55,12 +77,13 @@ def denoise(
     """
     config = config or ParallelConfig()
     transformer = adapter.transformer
+    fail_step = _failure_step(groups.rank if groups is not None else 0)
     if config.pipefusion > 1 or config.uses_patches:
         try:
             from executor.pipefusion import denoise as pipefusion_denoise
         except ImportError as error:
             raise DitplanError(f"configuration {config}: PipeFusion is not available in this build ({error}).") from None
-        return pipefusion_denoise(job, adapter, transformer, groups, config)
+        return pipefusion_denoise(job, adapter, transformer, groups, config, _failing_after(on_step, fail_step))
 
     cfg_group = groups.group("cfg") if groups is not None else None
     if config.cfg == 2 and not job.do_cfg:
@@ -69,14 +92,13 @@ def denoise(
             f"(guidance_scale={job.guidance_scale}); use cfg=1."
         )
     branches = (job.branches[groups.coordinate("cfg")],) if config.cfg == 2 else job.branches
-    fail_step = _failure_step(groups.rank if groups is not None else 0)
 
     latents = job.latents
     with torch.no_grad():
         for step_index, t in enumerate(job.timesteps):
             started = time.perf_counter()
             if fail_step == step_index:
-                raise InjectedFailure(f"injected failure at step {step_index} ({FAIL_AT_ENV}={os.environ[FAIL_AT_ENV]})")
+                raise _injected_failure(step_index)
             output = transformer(**adapter.transformer_kwargs(job, latents, t, branches))[0]
             noise = adapter.noise_prediction(job, output)
             if config.cfg == 2:

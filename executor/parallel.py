@@ -92,6 +92,10 @@ def model_problems(config: ParallelConfig, adapter: FamilyAdapter, model_id: str
         problems.append(f"cfg=2 but {adapter.family} does not use classifier-free guidance, so there is no second half to split")
     if heads % config.ulysses:
         problems.append(f"ulysses={config.ulysses} does not divide the transformer's {heads} attention heads")
+    if config.pipefusion > 1:
+        from executor.pipefusion import stage_count_problems
+
+        problems.extend(stage_count_problems(adapter.transformer, adapter.family, config.pipefusion))
     return list(dict.fromkeys(problems))
 
 
@@ -101,7 +105,8 @@ def _refuse(config: ParallelConfig, problems: list[str]) -> None:
 
 
 def _resolve_plan(plan: Any, pipe: Any, cluster: str | None, model: str | None, world: int,
-                  height: int | None, width: int | None, frames: int | None, steps: int | None) -> tuple[ParallelConfig, Placement, Any]:
+                  height: int | None, width: int | None, frames: int | None, steps: int | None,
+                  prompts: int | None = None) -> tuple[ParallelConfig, Placement, Any]:
     from planner.plan import Plan
 
     if isinstance(plan, Plan):
@@ -112,7 +117,7 @@ def _resolve_plan(plan: Any, pipe: Any, cluster: str | None, model: str | None, 
         raise DitplanError(f"plan {plan!r}: give a plan file path, a planner.plan.Plan, a configuration string or 'auto'.")
     text = str(plan)
     if text == "auto":
-        return _auto_plan(pipe, cluster, model, world, height, width, frames, steps)
+        return _auto_plan(pipe, cluster, model, world, height, width, frames, steps, prompts)
     if text.endswith(".json") or Path(text).is_file():
         loaded = Plan.load(text)
         return loaded.config, loaded.placement, loaded
@@ -121,7 +126,8 @@ def _resolve_plan(plan: Any, pipe: Any, cluster: str | None, model: str | None, 
 
 
 def _auto_plan(pipe: Any, cluster: str | None, model: str | None, world: int, height: int | None,
-               width: int | None, frames: int | None, steps: int | None) -> tuple[ParallelConfig, Placement, Any]:
+               width: int | None, frames: int | None, steps: int | None,
+               prompts: int | None = None) -> tuple[ParallelConfig, Placement, Any]:
     try:
         import planner
 
@@ -137,6 +143,8 @@ def _auto_plan(pipe: Any, cluster: str | None, model: str | None, world: int, he
     kwargs: dict[str, Any] = {"height": height, "width": width, "steps": steps}
     if adapter.is_video and frames:
         kwargs["frames"] = frames
+    if prompts is not None:
+        kwargs["max_dp"] = prompts  # no idle replicas: at most one per prompt
     result = search(model, cluster, world, **{k: v for k, v in kwargs.items() if v is not None})
     chosen = result.to_plan() if hasattr(result, "to_plan") else result.best
     return chosen.config, chosen.placement, chosen
@@ -161,6 +169,12 @@ class ParallelPipeline:
         self._sp_handle = None
         if config.sp > 1 and not (config.pipefusion > 1 or config.uses_patches):
             self._sp_handle = _enable_sp(pipe.transformer, self.adapter.family, groups)
+        if config.pipefusion > 1:
+            # Drop the other stages' blocks now, before the first call (a no-op for a transformer
+            # loaded as this stage alone).
+            from executor.pipefusion import prepare_stage
+
+            prepare_stage(pipe.transformer, self.adapter.family, groups.coordinate("pipefusion"), config.pipefusion)
 
     def layout(self) -> str:
         """The rank layout (coordinates and groups per axis), printable."""
@@ -202,6 +216,10 @@ class ParallelPipeline:
                                   job.num_frames, job.num_steps)
         if self.config.cfg == 2 and not job.do_cfg:
             problems.append(f"cfg=2 but guidance_scale={job.guidance_scale} turns classifier-free guidance off")
+        if self.config.pipefusion > 1 or self.config.uses_patches:
+            from executor.pipefusion import size_problems
+
+            problems.extend(size_problems(job, self.adapter, self.config))
         _refuse(self.config, problems)
         self.last_sizes = {"height": job.height, "width": job.width, "frames": job.num_frames,
                            "steps": job.num_steps, "guidance_scale": job.guidance_scale}
@@ -297,17 +315,19 @@ def _enable_sp(transformer: torch.nn.Module, family: str, groups: ExecutorGroups
 
 def parallelize(pipe: Any, plan: Any = "cfg=1", cluster: str | None = None, model: str | None = None,
                 backend: str | None = None, height: int | None = None, width: int | None = None,
-                frames: int | None = None, steps: int | None = None, show_progress: bool | None = None) -> ParallelPipeline:
+                frames: int | None = None, steps: int | None = None, show_progress: bool | None = None,
+                prompts: int | None = None) -> ParallelPipeline:
     """Bind `pipe` to a plan for this job (call inside torchrun, or alone for a one-process plan).
 
     plan: a plan file path, a `planner.plan.Plan`, a configuration string ("cfg=2,ulysses=2") or
     "auto" (the planner searches `cluster` for the job's world size; `model`, `height`, `width`,
-    `frames`, `steps` describe the generation to plan for and default to the model's).
+    `frames`, `steps` describe the generation to plan for and default to the model's; `prompts`, the
+    number of prompts per call, caps the data-parallel replicas so none is left idle).
     Refuses a plan whose GPU count is not the world size, or that the model cannot take, on every
     rank before any collective.
     """
     world = launched_world_size()
-    config, placement, plan_object = _resolve_plan(plan, pipe, cluster, model, world, height, width, frames, steps)
+    config, placement, plan_object = _resolve_plan(plan, pipe, cluster, model, world, height, width, frames, steps, prompts)
     if config.world_size != world:
         raise DitplanError(
             f"plan {config} uses {config.world_size} GPUs but this job has {world} process(es); "

@@ -1,6 +1,7 @@
 """One rank of `ditplan run` (started by executor.launch, under torchrun when there are several).
 
-Loads the model, binds it to the plan, generates, and on rank 0 writes the PNGs and run.json into a
+Loads the model (from a pipeline folder under PipeFusion: only this rank's stage of the
+transformer), binds it to the plan, generates, and on rank 0 writes the PNGs and run.json into a
 temporary folder that replaces --out only once everything is written. A user mistake (DitplanError)
 is printed by rank 0 only (every rank refuses alike) and exits 2; any other error is printed by the
 rank that raised it and exits 1, and torchrun then stops the other ranks. A rank that only lost its
@@ -35,7 +36,42 @@ def _is_peer_loss(error: BaseException) -> bool:
         marker in text for marker in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out"))
 
 
-def load_pipeline(model: str) -> Any:
+def _plan_config(plan: str) -> Any:
+    """The configuration and placement the workers' --plan names (a plan file or a configuration;
+    `auto` was resolved to a file by the launcher)."""
+    from costmodel.config import ParallelConfig, Placement
+    from planner.plan import Plan
+
+    if plan.endswith(".json") or Path(plan).is_file():
+        loaded = Plan.load(plan)
+        return loaded.config, loaded.placement
+    config = ParallelConfig.parse(plan)
+    return config, Placement(config)
+
+
+def _stage_transformer(folder: Path, plan: str, dtype: Any) -> dict[str, Any]:
+    """from_pretrained overrides for a pipeline folder under PipeFusion: this rank's stage of the
+    transformer, read alone from the checkpoint, so other stages' blocks never exist here."""
+    if plan == "auto":
+        return {}
+    config, placement = _plan_config(plan)
+    if config.pipefusion == 1:
+        return {}
+    from executor.families import family_of_pipeline_class
+    from executor.pipefusion import load_stage_transformer
+
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    family = family_of_pipeline_class(index.get("_class_name", ""))
+    if family is None:
+        return {}  # not a family the executor runs: parallelize refuses it by name after loading
+    rank = int(os.environ.get("RANK", "0"))
+    if rank >= config.world_size:
+        return {}  # parallelize refuses the GPU-count mismatch, on every rank alike
+    stage = placement.coordinates(rank)["pipefusion"]
+    return {"transformer": load_stage_transformer(folder, family, stage, config.pipefusion).to(dtype)}
+
+
+def load_pipeline(model: str, plan: str = "cfg=1") -> Any:
     from executor.tiny import build_tiny_pipeline, is_tiny_model, quiet_libraries
 
     if is_tiny_model(model):
@@ -44,7 +80,9 @@ def load_pipeline(model: str) -> Any:
     import torch
 
     quiet_libraries()
-    pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    overrides = _stage_transformer(Path(model), plan, dtype) if Path(model).is_dir() else {}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -84,13 +122,13 @@ def run_worker(args: Any) -> int:
     from executor.parallel import parallelize
 
     started = time.perf_counter()
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, args.plan)
     load_s = time.perf_counter() - started
-    parallel = parallelize(pipe, plan=args.plan, cluster=args.cluster, backend=args.backend)
+    prompts = args.prompt or ["a photo of a cat"]
+    parallel = parallelize(pipe, plan=args.plan, cluster=args.cluster, backend=args.backend, prompts=len(prompts))
     rank = parallel.rank
     if args.print_layout and rank == 0:
         print(parallel.layout(), flush=True)
-    prompts = args.prompt or ["a photo of a cat"]
     output = parallel(
         prompt=prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -116,7 +154,8 @@ def run_worker(args: Any) -> int:
                 "config": str(parallel.config),
                 "placement": list(parallel.placement.order),
                 "ranks": parallel.placement.table(),
-                "plan": args.plan,
+                # The plan itself (a file's content: `auto` plans live in a temporary file), or the configuration.
+                "plan": parallel.plan.to_dict() if parallel.plan is not None else args.plan,
                 "world_size": parallel.groups.world_size,
                 "backend": dist.get_backend() if dist.is_initialized() else "none",
                 "prompts": prompts,

@@ -367,7 +367,7 @@ def _collapse_equivalent(plans: list[RankedPlan]) -> list[RankedPlan]:
 def _search_one_count(model: Any, cluster_ref: str, nodes: int | None, gpus: int,
                       height: int, width: int, frames: int, steps: int, rescore: int,
                       exhaustive: bool, progress: bool | None,
-                      min_warmup: int) -> tuple[list[RankedPlan], list[PrunedConfig]]:
+                      min_warmup: int, max_dp: int | None = None) -> tuple[list[RankedPlan], list[PrunedConfig]]:
     cluster = costmodel.load_cluster(cluster_ref, gpus=gpus, nodes=nodes)
     scorer = _Scorer(model, cluster, height, width, frames, steps)
     pruned: list[PrunedConfig] = []
@@ -378,6 +378,8 @@ def _search_one_count(model: Any, cluster_ref: str, nodes: int | None, gpus: int
         if config.uses_patches and config.warmup < min_warmup:
             broken.append(f"warmup={config.warmup} is below the fidelity floor min_warmup={min_warmup} "
                           "(fewer synchronous steps mean more steps on stale K/V)")
+        if max_dp is not None and config.dp > max_dp:
+            broken.append(f"dp={config.dp} exceeds max_dp={max_dp} (more replicas than prompts leaves some idle)")
         if broken:
             pruned.append(PrunedConfig(gpus, str(config), tuple(broken)))
             continue
@@ -427,7 +429,8 @@ def _search_one_count(model: Any, cluster_ref: str, nodes: int | None, gpus: int
 def search(model: str | os.PathLike | Any, cluster: str | os.PathLike, gpus: int | str | Sequence[int], *,
            height: int | None = None, width: int | None = None, frames: int | None = None,
            steps: int | None = None, nodes: int | None = None, rescore: int = DEFAULT_RESCORE,
-           exhaustive: bool = False, progress: bool | None = None, min_warmup: int = 0) -> SearchResult:
+           exhaustive: bool = False, progress: bool | None = None, min_warmup: int = 0,
+           max_dp: int | None = None) -> SearchResult:
     """Rank every valid configuration of `model` on `gpus` GPUs of `cluster` by predicted latency.
 
     model: an id (`flux-dev`), a YAML path, or a loaded `costmodel` ModelSpec.
@@ -439,6 +442,8 @@ def search(model: str | os.PathLike | Any, cluster: str | os.PathLike, gpus: int
     progress: show a tqdm bar on stderr (None: only on a terminal and for a long search).
     min_warmup: fidelity floor; PipeFusion plans with fewer synchronous warmup steps are pruned
         (0, the default, ranks on latency alone; the papers use 1).
+    max_dp: at most this many data-parallel replicas (the executor passes its prompt count, so no
+        replica is left without a prompt); None: no limit.
 
     Returns a SearchResult (`.plans` best first, `.pruned` with reasons, `.best`, `.to_frame()`).
     """
@@ -456,13 +461,15 @@ def search(model: str | os.PathLike | Any, cluster: str | os.PathLike, gpus: int
         raise DitplanError(f"rescore={rescore} is not allowed; the simulator must re-score at least one plan.")
     if isinstance(min_warmup, bool) or not isinstance(min_warmup, int) or min_warmup < 0:
         raise DitplanError(f"min_warmup={min_warmup!r} is not allowed; it counts warmup steps, an integer >= 0.")
+    if max_dp is not None and (isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1):
+        raise DitplanError(f"max_dp={max_dp!r} is not allowed; it counts data-parallel replicas, an integer >= 1.")
     counts = parse_gpu_counts(gpus)
     cluster_ref = os.fspath(cluster)
     plans: list[RankedPlan] = []
     pruned: list[PrunedConfig] = []
     for count in counts:
         found, dropped = _search_one_count(spec, cluster_ref, nodes, count, height, width, frames, steps,
-                                           rescore, exhaustive, progress, min_warmup)
+                                           rescore, exhaustive, progress, min_warmup, max_dp)
         plans.extend(found)
         pruned.extend(dropped)
     plans.sort(key=RankedPlan.sort_key)

@@ -29,6 +29,12 @@ _BY_PIPELINE: dict[str, type[FamilyAdapter]] = {
 FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
 
 
+def family_of_pipeline_class(name: str) -> str | None:
+    """The family of a diffusers pipeline class name (a folder's model_index.json names it), or None."""
+    adapter = _BY_PIPELINE.get(name)
+    return adapter.family if adapter is not None else None
+
+
 def adapter_for(pipe: Any) -> FamilyAdapter:
     """The adapter for a loaded diffusers pipeline; refuses pipelines of other families by name."""
     name = type(pipe).__name__
@@ -40,4 +46,4 @@ def adapter_for(pipe: Any) -> FamilyAdapter:
     return adapter(pipe)
 
 
-__all__ = ["BRANCHES", "DenoiseJob", "FAMILIES", "FamilyAdapter", "GenerationRequest", "adapter_for"]
+__all__ = ["BRANCHES", "DenoiseJob", "FAMILIES", "FamilyAdapter", "GenerationRequest", "adapter_for", "family_of_pipeline_class"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 
@@ -155,6 +155,17 @@ def concat_batches(values: list[Any]) -> Any:
     return torch.cat(values)
 
 
+class RequestBasics(NamedTuple):
+    """See `FamilyAdapter.basics`."""
+
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    do_cfg: bool
+    batch: int
+
+
 class FamilyAdapter:
     """Base adapter: subclasses set the class attributes and implement `prepare` and `decode`.
 
@@ -210,6 +221,15 @@ class FamilyAdapter:
     def fresh_scheduler(self) -> Any:
         """A private copy of the pipeline's scheduler (set_timesteps must be called on it)."""
         return copy.deepcopy(self.pipe.scheduler)
+
+    def basics(self, request: GenerationRequest, default_height: int, default_width: int | None = None) -> "RequestBasics":
+        """What every `prepare` starts from: the request's size (or the family's default), steps and
+        guidance scale (or the pipeline's), whether it runs an unconditional branch, its prompt count."""
+        steps, guidance = self.steps_and_guidance(request)
+        return RequestBasics(
+            height=request.height or default_height, width=request.width or (default_width or default_height),
+            steps=steps, guidance=guidance, do_cfg=self.uses_cfg(guidance), batch=len(request.prompts),
+        )
 
     def steps_and_guidance(self, request: GenerationRequest) -> tuple[int, float]:
         """The request's steps and guidance scale, or the pipeline's defaults."""

@@ -19,12 +19,9 @@ class CogVideoXAdapter(FamilyAdapter):
 
         pipe, device = self.pipe, self.device
         config = pipe.transformer.config
-        height = request.height or config.sample_height * pipe.vae_scale_factor_spatial
-        width = request.width or config.sample_width * pipe.vae_scale_factor_spatial
+        height, width, steps, guidance, do_cfg, batch = self.basics(
+            request, config.sample_height * pipe.vae_scale_factor_spatial, config.sample_width * pipe.vae_scale_factor_spatial)
         num_frames = request.num_frames or config.sample_frames
-        steps, guidance = self.steps_and_guidance(request)
-        do_cfg = self.uses_cfg(guidance)
-        batch = len(request.prompts)
         embeds, negative_embeds = pipe.encode_prompt(
             request.prompts, request.negative_prompt, do_cfg, num_videos_per_prompt=1,
             max_sequence_length=self.call_default("max_sequence_length"), device=device,

@@ -26,10 +26,7 @@ class FluxAdapter(FamilyAdapter):
 
         pipe, device = self.pipe, self.device
         config = pipe.transformer.config
-        height = request.height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = request.width or pipe.default_sample_size * pipe.vae_scale_factor
-        steps, guidance = self.steps_and_guidance(request)
-        batch = len(request.prompts)
+        height, width, steps, guidance, _, batch = self.basics(request, pipe.default_sample_size * pipe.vae_scale_factor)
         embeds, pooled, text_ids = pipe.encode_prompt(
             prompt=request.prompts, prompt_2=None, device=device, num_images_per_prompt=1,
             max_sequence_length=self.call_default("max_sequence_length"),

@@ -18,12 +18,9 @@ class HunyuanAdapter(FamilyAdapter):
 
         pipe, device = self.pipe, self.device
         config = pipe.transformer.config
+        height, width, steps, guidance, do_cfg, batch = self.basics(request, pipe.default_sample_size * pipe.vae_scale_factor)
         # The pipeline rounds sizes down to multiples of 16; resolution binning is not applied.
-        height = int(((request.height or pipe.default_sample_size * pipe.vae_scale_factor) // 16) * 16)
-        width = int(((request.width or pipe.default_sample_size * pipe.vae_scale_factor) // 16) * 16)
-        steps, guidance = self.steps_and_guidance(request)
-        do_cfg = self.uses_cfg(guidance)
-        batch = len(request.prompts)
+        height, width = int(height // 16 * 16), int(width // 16 * 16)
         # The pipeline wants the negative prompt in the prompt's type (a list here).
         negative = None if request.negative_prompt is None else [request.negative_prompt] * batch
         encoded = [

@@ -19,13 +19,9 @@ class LatteAdapter(FamilyAdapter):
 
         pipe, device = self.pipe, self.device
         config = pipe.transformer.config
-        height = request.height or config.sample_size * pipe.vae_scale_factor
-        width = request.width or config.sample_size * pipe.vae_scale_factor
+        height, width, steps, guidance, do_cfg, batch = self.basics(request, config.sample_size * pipe.vae_scale_factor)
         # The transformer adds a temporal position table of exactly `video_length` frames.
         num_frames = request.num_frames or config.video_length
-        steps, guidance = self.steps_and_guidance(request)
-        do_cfg = self.uses_cfg(guidance)
-        batch = len(request.prompts)
         embeds, negative_embeds = pipe.encode_prompt(
             request.prompts, do_cfg, negative_prompt=request.negative_prompt or "", num_images_per_prompt=1,
             device=device, clean_caption=self.call_default("clean_caption"), mask_feature=self.call_default("mask_feature"),

@@ -17,11 +17,7 @@ class PixArtAdapter(FamilyAdapter):
 
         pipe, device = self.pipe, self.device
         config = pipe.transformer.config
-        height = request.height or config.sample_size * pipe.vae_scale_factor
-        width = request.width or config.sample_size * pipe.vae_scale_factor
-        steps, guidance = self.steps_and_guidance(request)
-        do_cfg = self.uses_cfg(guidance)
-        batch = len(request.prompts)
+        height, width, steps, guidance, do_cfg, batch = self.basics(request, config.sample_size * pipe.vae_scale_factor)
         embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
             request.prompts, do_cfg, negative_prompt=request.negative_prompt or "", num_images_per_prompt=1,
             device=device, clean_caption=self.call_default("clean_caption"),

@@ -17,11 +17,7 @@ class SD3Adapter(FamilyAdapter):
 
         pipe, device = self.pipe, self.device
         config = pipe.transformer.config
-        height = request.height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = request.width or pipe.default_sample_size * pipe.vae_scale_factor
-        steps, guidance = self.steps_and_guidance(request)
-        do_cfg = self.uses_cfg(guidance)
-        batch = len(request.prompts)
+        height, width, steps, guidance, do_cfg, batch = self.basics(request, pipe.default_sample_size * pipe.vae_scale_factor)
         embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
             prompt=request.prompts, prompt_2=None, prompt_3=None, negative_prompt=request.negative_prompt,
             do_classifier_free_guidance=do_cfg, device=device, num_images_per_prompt=1,

@@ -19,13 +19,15 @@ import torch
 from costmodel.config import ParallelConfig
 from costmodel.errors import DitplanError
 from executor.pipefusion.job import PatchJob
+from executor.pipefusion.layout import patch_problems
 from executor.pipefusion.loading import load_stage_transformer
 from executor.pipefusion.partition import keep_stage_only
 from executor.pipefusion.pipeline import denoise_pipelined, stage_units
 from executor.pipefusion.sequential import denoise_sequential
 from executor.pipefusion.stages import StagedTransformer, staged
 
-__all__ = ["denoise", "prepare_stage", "load_stage_transformer", "patch_job", "denoise_pipelined", "denoise_sequential", "staged"]
+__all__ = ["denoise", "prepare_stage", "size_problems", "stage_count_problems", "load_stage_transformer", "patch_job",
+           "denoise_pipelined", "denoise_sequential", "staged"]
 
 _STAGE_ATTR = "_ditplan_pipefusion_stage"
 
@@ -102,6 +104,39 @@ def patch_job(job: Any, adapter: Any) -> PatchJob:
         model_input=model_input, model_timestep=lambda t, batch: adapter.timestep_input(job, t, batch),
         guide=guide, step=step, cfg=job.do_cfg,
     )
+
+
+def _stages_of(transformer: torch.nn.Module, family: str) -> StagedTransformer:
+    """The stage view of `transformer`: the one it was cut with, else a fresh one (cuts nothing)."""
+    prepared = getattr(transformer, _STAGE_ATTR, None)
+    return prepared[0] if prepared is not None else staged(transformer, family)
+
+
+def stage_count_problems(transformer: torch.nn.Module, family: str, pipefusion: int) -> list[str]:
+    """Why this transformer cannot be cut into `pipefusion` stages (empty: it can). A stage holds
+    whole units (Latte: a spatial and a temporal block together), at least one each."""
+    if pipefusion == 1:
+        return []
+    units = _stages_of(transformer, family).unit_count()
+    if pipefusion <= units:
+        return []
+    return [f"pipefusion={pipefusion} exceeds the {units} pipeline units of this {family} transformer; "
+            "every stage needs at least one"]
+
+
+def size_problems(job: Any, adapter: Any, config: ParallelConfig) -> list[str]:
+    """Why `config`'s patches cannot cut this job's image (empty: they can), from the shapes alone,
+    so every rank finds the same before any collective: at least one token row per patch, and
+    every patch's tokens splitting evenly over the sequence-parallel ranks."""
+    if not (config.pipefusion > 1 or config.uses_patches):
+        return []
+    stages = _stages_of(adapter.transformer, job.family)
+    try:
+        layout = stages.layout(job.latents, patch_job(job, adapter).model_kwargs, config.patches)
+    except DitplanError:
+        rows = stages.layout(job.latents, patch_job(job, adapter).model_kwargs, 1).token_rows
+        return [f"patches={config.patches} exceeds the image's {rows} token rows; each patch needs at least one whole token row"]
+    return patch_problems(layout, config.sp)
 
 
 def denoise(job: Any, adapter: Any, transformer: torch.nn.Module, groups: Any, config: ParallelConfig,

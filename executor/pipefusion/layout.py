@@ -88,6 +88,23 @@ class PatchLayout:
         latents[..., self.latent_slice(m), :] = strip
 
 
+def patch_problems(layout: "PatchLayout", sp: int) -> list[str]:
+    """Why this layout cannot run with its patches split over `sp` sequence-parallel ranks (empty: it can).
+
+    Each rank of the SP group takes an equal contiguous share of every patch's tokens (and of the
+    image's in warmup steps), so every one of those counts must divide by sp."""
+    if sp == 1:
+        return []
+    counts = [layout.image_tokens, *(layout.patch_tokens(m) for m in range(layout.patches))]
+    uneven = [count for count in counts if count % sp]
+    if not uneven:
+        return []
+    return [
+        f"a patch of {uneven[0]} image tokens does not divide over ulysses x ring = {sp} ranks; with patches={layout.patches} "
+        f"every patch's token count (token rows x {layout.row_tokens * layout.token_frames} tokens) must be a multiple of {sp}"
+    ]
+
+
 def take_tokens(tokens: torch.Tensor, index: slice | torch.Tensor, dim: int) -> torch.Tensor:
     """Select image tokens along `dim` by a slice or an index tensor."""
     if isinstance(index, slice):

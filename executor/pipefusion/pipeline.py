@@ -29,8 +29,8 @@ import torch.distributed as dist
 from costmodel.errors import DitplanError
 from executor.pipefusion.hybrid import SequenceInStage
 from executor.pipefusion.job import PatchJob
+from executor.pipefusion.layout import patch_problems
 from executor.pipefusion.schedulers import PatchScheduler
-from executor.pipefusion.sequential import check_warmup
 from executor.pipefusion.stages import Carry, StagedTransformer
 from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv
 
@@ -133,7 +133,6 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     degree 1); an SP rank exchanges with the rank of the same SP coordinates in the other stages.
     `on_step(step_index, seconds)`: called when this rank has done its part of each step.
     """
-    check_warmup(patches, warmup)
     rank = dist.get_rank()
     stage, count = pipe_ranks.index(rank), len(pipe_ranks)
     first, last = stage == 0, stage == count - 1
@@ -169,12 +168,9 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     def tokens_of(patch: int | None) -> int:
         return layout.image_tokens if patch is None else layout.patch_tokens(patch)
 
-    uneven = [tokens_of(m) for m in [None, *range(patches)] if tokens_of(m) % sp]
-    if uneven:
-        raise DitplanError(
-            f"PipeFusion x sequence parallelism: a patch of {uneven[0]} image tokens does not divide over ulysses x ring = {sp} "
-            f"ranks; with patches={patches} every patch's token count (rows x {layout.row_tokens} tokens) must be a multiple of {sp}."
-        )
+    problems = patch_problems(layout, sp)
+    if problems:
+        raise DitplanError(f"PipeFusion x sequence parallelism: {problems[0]}.")
 
     # HunyuanDiT's long skips go straight from the producing stage to the consuming (mirror) stage;
     # those between neighbours ride with the boundary message.
@@ -215,7 +211,10 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     layers = stages.stale_layers(units)
     if sequence:
         layers = [(module, sequence.text_position(position)) for module, position in layers]
-    state = StaleKVState()
+    # Buffer rows: the image, or under Ring this rank's share of it (every patch's share, for its
+    # Ulysses peers too); see hybrid.py.
+    ring_degree = dist.get_world_size(ring_group) if ring_group is not None else 1
+    state = StaleKVState(buffer_tokens=layout.image_tokens // ring_degree)
     handle = install_stale_kv(layers, state)
     try:
         sources = receives_from if not first else ([count - 1] if count > 1 else [])

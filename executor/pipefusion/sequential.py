@@ -13,20 +13,11 @@ from typing import Any, Callable
 
 import torch
 
-from costmodel.errors import DitplanError
 from executor.pipefusion.job import PatchJob
 from executor.pipefusion.schedulers import PatchScheduler
 from executor.pipefusion.layout import PatchLayout
 from executor.pipefusion.stages import Cond, StagedTransformer
 from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv
-
-
-def check_warmup(patches: int, warmup: int) -> None:
-    if patches > 1 and warmup < 1:
-        raise DitplanError(
-            f"PipeFusion: warmup={warmup} with patches={patches} is not allowed; the stale K/V buffers are filled by a "
-            "full-image warmup step, so warmup must be at least 1 when patches > 1."
-        )
 
 
 @torch.no_grad()
@@ -35,11 +26,10 @@ def denoise_sequential(job: PatchJob, stages: StagedTransformer, patches: int, w
     """Final latents of the patch-sequential algorithm (with patches=1 or warmup >= steps: the serial loop).
 
     `on_step(step_index, seconds)` is called after every step."""
-    check_warmup(patches, warmup)
     latents = job.latents.clone()
     layout = stages.layout(job.model_input(latents, job.timesteps[0]), job.model_kwargs, patches)
     scheduler = PatchScheduler(job.scheduler, layout, tuple(latents.shape))
-    state = StaleKVState()
+    state = StaleKVState(buffer_tokens=layout.image_tokens)
     handle = install_stale_kv(stages.stale_layers(range(stages.unit_count())), state)
     try:
         for i, t in enumerate(job.timesteps):

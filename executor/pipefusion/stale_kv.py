@@ -3,6 +3,8 @@
 A patch's queries attend to the whole buffer: its own rows hold the fresh K/V just computed, the
 other rows hold what was written last (fresh for patches already run this step, the previous
 step's for the rest). Warmup steps run the full image in "fill" mode, which writes every row.
+Without warmup the first patch step starts from empty buffers: patch m attends to the rows of
+patches 0..m, the only ones computed so far.
 
 The substitution happens at the attention kernel call (torch's scaled_dot_product_attention, or
 diffusers' dispatch_attention_fn where a processor uses it), after each family's own projections,
@@ -38,6 +40,8 @@ class StaleKVState:
 
     mode: "off" (plain attention), "fill" (full image: attend normally and copy K/V into the
     buffers), "patch" (write the patch's rows, attend to the whole buffer).
+    buffer_tokens: the rows a buffer holds (the image's tokens; under Ring, this rank's share).
+    Needed only without warmup, where the first patch step creates the buffers.
     index: the patch's positions in the image token sequence ("patch" mode).
     text_tokens: text tokens in the joint sequence of this call (0 where text does not join).
     ring_index: see below (PipeFusion x Ring, executor/pipefusion/hybrid.py).
@@ -46,6 +50,7 @@ class StaleKVState:
     mode: Mode = "off"
     index: slice | torch.Tensor | None = None
     text_tokens: int = 0
+    buffer_tokens: int = 0
     # Under ring attention: the rows of this rank's buffer (its share of the image) for the patch.
     ring_index: torch.Tensor | None = None
     processors: list["StaleKVProcessor"] = field(default_factory=list)
@@ -63,6 +68,9 @@ class StaleKVProcessor:
         self.text_position = text_position
         self.key: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
+        # Rows written so far while the buffers are still filling (first patch step without warmup);
+        # None once every row holds a value.
+        self.written: torch.Tensor | None = None
         self._inner_module = sys.modules[type(inner).__module__]
 
     def buffer_bytes(self) -> int:
@@ -113,16 +121,35 @@ class StaleKVProcessor:
         image_v, text_v = split(value)
         if self.state.mode == "fill":
             self.key, self.value = image_k.contiguous().clone(), image_v.contiguous().clone()
+            self.written = None
             return key, value
         if self.key is None or self.value is None:
-            raise RuntimeError("stale-KV buffers are empty: a patch step ran before any full-image (warmup) step filled them")
+            self._start_empty(image_k, seq_dim)
         put_tokens(self.key, index, seq_dim, image_k)
         put_tokens(self.value, index, seq_dim, image_v)
+        buffer_k, buffer_v = self.key, self.value
+        if self.written is not None:
+            self.written[index.to(self.written.device) if isinstance(index, torch.Tensor) else index] = True
+            if bool(self.written.all()):
+                self.written = None
+            else:  # only the rows of patches 0..m exist yet: attend to those
+                rows = self.written.nonzero().squeeze(1)
+                buffer_k, buffer_v = buffer_k.index_select(seq_dim, rows), buffer_v.index_select(seq_dim, rows)
         if text == 0:
-            return self.key, self.value
+            return buffer_k, buffer_v
         if text_position == "first":
-            return torch.cat([text_k, self.key], dim=seq_dim), torch.cat([text_v, self.value], dim=seq_dim)
-        return torch.cat([self.key, text_k], dim=seq_dim), torch.cat([self.value, text_v], dim=seq_dim)
+            return torch.cat([text_k, buffer_k], dim=seq_dim), torch.cat([text_v, buffer_v], dim=seq_dim)
+        return torch.cat([buffer_k, text_k], dim=seq_dim), torch.cat([buffer_v, text_v], dim=seq_dim)
+
+    def _start_empty(self, image_k: torch.Tensor, seq_dim: int) -> None:
+        """Buffers with no row written: a patch step without a warmup step before it (warmup=0)."""
+        rows = self.state.buffer_tokens
+        if rows <= 0:
+            raise RuntimeError("stale-KV buffers are empty and their size is unknown: set StaleKVState.buffer_tokens")
+        shape = list(image_k.shape)
+        shape[seq_dim] = rows
+        self.key, self.value = image_k.new_zeros(shape), image_k.new_zeros(shape)
+        self.written = torch.zeros(rows, dtype=torch.bool, device=image_k.device)
 
 
 def _stale_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

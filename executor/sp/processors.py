@@ -72,6 +72,21 @@ def _tokens_first(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.transpose(1, 2).reshape(b, s, h * d)
 
 
+def _project(attn: torch.nn.Module, states: torch.Tensor, text: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values [B, heads, tokens, head_dim] of `states` through the layer's image
+    projections (text: its separate `add_*` text projections), with its query/key norms."""
+    if text:
+        projections, norms = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (attn.norm_added_q, attn.norm_added_k)
+    else:
+        projections, norms = (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
+    query, key, value = (_heads_first(projection(states), attn.heads) for projection in projections)
+    if norms[0] is not None:
+        query = norms[0](query)
+    if norms[1] is not None:
+        key = norms[1](key)
+    return query, key, value
+
+
 def _refuse_mask(attention_mask: torch.Tensor | None, layer: str) -> None:
     # None of the six families masks its image self-attention; a mask here would be a new use that
     # the split sequence cannot honour silently.
@@ -117,13 +132,7 @@ class SelfAttentionProcessor(_SequenceParallelProcessor):
             raise RuntimeError("SelfAttentionProcessor was installed on a cross-attention layer; cross-attention stays local")
         _refuse_mask(attention_mask, "a self-attention layer")
         residual = hidden_states
-        query = _heads_first(attn.to_q(hidden_states), attn.heads)
-        key = _heads_first(attn.to_k(hidden_states), attn.heads)
-        value = _heads_first(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project(attn, hidden_states)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
@@ -145,24 +154,12 @@ class JointAttentionProcessor(_SequenceParallelProcessor):
         attention_mask: torch.Tensor | None = None,
     ):
         _refuse_mask(attention_mask, "a joint-attention layer")
-        query = _heads_first(attn.to_q(hidden_states), attn.heads)
-        key = _heads_first(attn.to_k(hidden_states), attn.heads)
-        value = _heads_first(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project(attn, hidden_states)
         if encoder_hidden_states is None:  # SD3.5's image-only second attention
             out, _ = self._attend(query, key, value)
             return attn.to_out[1](attn.to_out[0](_tokens_first(out).to(query.dtype)))
 
-        text_query = _heads_first(attn.add_q_proj(encoder_hidden_states), attn.heads)
-        text_key = _heads_first(attn.add_k_proj(encoder_hidden_states), attn.heads)
-        text_value = _heads_first(attn.add_v_proj(encoder_hidden_states), attn.heads)
-        if attn.norm_added_q is not None:
-            text_query = attn.norm_added_q(text_query)
-        if attn.norm_added_k is not None:
-            text_key = attn.norm_added_k(text_key)
+        text_query, text_key, text_value = _project(attn, encoder_hidden_states, text=True)
         out, text_out = self._attend(query, key, value, text_query, text_key, text_value)
         out = attn.to_out[1](attn.to_out[0](_tokens_first(out).to(query.dtype)))
         text_out = _tokens_first(text_out).to(query.dtype)
@@ -185,13 +182,7 @@ class CogVideoXAttentionProcessor(_SequenceParallelProcessor):
         _refuse_mask(attention_mask, "a CogVideoX attention layer")
         text_tokens = encoder_hidden_states.shape[1]
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query = _heads_first(attn.to_q(joint), attn.heads)
-        key = _heads_first(attn.to_k(joint), attn.heads)
-        value = _heads_first(attn.to_v(joint), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project(attn, joint)
         text_query, query = query[:, :, :text_tokens], query[:, :, text_tokens:]
         text_key, key = key[:, :, :text_tokens], key[:, :, text_tokens:]
         text_value, value = value[:, :, :text_tokens], value[:, :, text_tokens:]

@@ -46,9 +46,10 @@ def test_cfg2_run_writes_images_and_run_json_like_the_serial_run(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_a_rank_failing_mid_run_ends_every_rank_with_its_error_once(tmp_path):
+@pytest.mark.parametrize("plan", ["cfg=2", "pipefusion=2,patches=2,warmup=0"])  # the serial loop; the patch pipeline
+def test_a_rank_failing_mid_run_ends_every_rank_with_its_error_once(tmp_path, plan):
     out = tmp_path / "never"
-    result, seconds = ditplan_run("--model", "tiny-pixart-alpha", "--plan", "cfg=2", "--nproc", "2", "--steps", "4",
+    result, seconds = ditplan_run("--model", "tiny-pixart-alpha", "--plan", plan, "--nproc", "2", "--steps", "4",
                                   "--out", str(out), env={"DITPLAN_FAIL_AT": "1:2"})
     assert result.returncode not in (0, None)
     output = result.stdout + result.stderr
@@ -97,3 +98,33 @@ def test_help_names_every_flag():
     for flag in ("--model", "--plan", "--nproc", "--out", "--prompt", "--negative-prompt", "--height", "--width", "--frames",
                  "--steps", "--guidance-scale", "--seed", "--cluster"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("prompts", [["a cat"], ["a cat", "a dog"]])
+def test_auto_plan_has_no_more_replicas_than_prompts(tmp_path, prompts):
+    # With one prompt the planner's best per-image plan for tiny-pixart-alpha on 2 L40s is dp=2,
+    # which would leave a replica idle; the launcher caps dp at the prompt count.
+    from executor.launch import build_parser, preflight
+
+    args = build_parser().parse_args(["--model", "tiny-pixart-alpha", "--plan", "auto", "--cluster", "l40-pcie-8", "--nproc", "2",
+                                      "--out", str(tmp_path / "x"), "--prompt", *prompts])
+    config, _, plan_file = preflight(args)
+    assert config.world_size == 2 and config.dp <= len(prompts)
+    assert json.loads(Path(plan_file).read_text())["config"] == str(config)
+    Path(plan_file).unlink()
+
+
+@pytest.mark.timeout(120)
+def test_a_pipefusion_rank_loads_only_its_stage_from_a_pipeline_folder(tmp_path, monkeypatch):
+    from executor.pipefusion.partition import parameter_count
+    from executor.tiny import save_tiny_pipeline
+    from executor.worker import load_pipeline
+
+    folder = str(save_tiny_pipeline("tiny-pixart-alpha", tmp_path / "model"))
+    whole = parameter_count(load_pipeline(folder, "cfg=1").transformer)
+    counts = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        counts.append(parameter_count(load_pipeline(folder, "pipefusion=2,patches=2,warmup=0").transformer))
+    assert all(count < 0.75 * whole for count in counts), (counts, whole)
+    assert sum(counts) >= whole  # every block once, plus the conditioning both stages keep

@@ -76,3 +76,18 @@ def test_data_parallel_shares_are_contiguous_and_in_order():
     assert [_dp_share(5, 2, r) for r in range(2)] == [[0, 1, 2], [3, 4]]
     assert [_dp_share(4, 4, r) for r in range(4)] == [[0], [1], [2], [3]]
     assert [_dp_share(1, 2, r) for r in range(2)] == [[0], []]
+
+
+@pytest.mark.timeout(60)
+def test_patch_sizes_the_executor_cannot_cut_are_refused_before_the_loop(pixart):
+    # No model profile here (model=None), so only the executor's own shape checks can refuse: the
+    # 256 px tiny PixArt has 16 token rows, so 17 patches leave one without a row.
+    parallel = executor.parallelize(pixart, plan="patches=17,warmup=0", show_progress=False)
+    parallel.model_id = None
+    with pytest.raises(DitplanError, match="patches=17 exceeds the image's 16 token rows"):
+        parallel(prompt="a cat", num_inference_steps=2, height=256, width=256, output_type="latent")
+    # Latte's pipeline units are spatial + temporal block pairs: more stages than pairs cannot be cut.
+    latte = adapter_for(build_tiny_pipeline("tiny-latte"))
+    units = latte.transformer.config.num_layers
+    assert model_problems(ParallelConfig(pipefusion=units + 1), latte, None, 0, 0, 1, 1) == [
+        f"pipefusion={units + 1} exceeds the {units} pipeline units of this latte transformer; every stage needs at least one"]

@@ -5,14 +5,14 @@ the serial loop and the one-process patch-sequential loop with the same patches 
 """
 from __future__ import annotations
 
-import json
 import os
-import traceback
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from pf_tiny import reported_results
 
 STEPS = 4
 PROMPT = "a red fox in the snow"
@@ -37,51 +37,62 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
+@lru_cache(maxsize=None)
+def _uncut_pipeline(model_id: str) -> Any:
+    """The reference pipeline of `model_id` (one-process loops never cut it, so one serves all)."""
+    from executor.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(model_id, seed=0)
+
+
+@lru_cache(maxsize=None)
 @torch.no_grad()
-def references(model_id: str, patches: int, warmup: int) -> dict[str, Any]:
-    """Serial and patch-sequential final latents and 8-bit images, with an uncut pipeline."""
+def _reference(model_id: str, patches: int, warmup: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Final latents and 8-bit images of the one-process loop (patches 1: the serial loop)."""
     from costmodel.config import ParallelConfig
     from executor.families import adapter_for
     from executor.loop import denoise
-    from executor.tiny import build_tiny_pipeline
 
-    out = {}
-    for name, config in (("serial", ParallelConfig()), ("sequential", ParallelConfig(patches=patches, warmup=warmup))):
-        pipe = build_tiny_pipeline(model_id, seed=0)
-        adapter = adapter_for(pipe)
-        job = adapter.prepare(_request(model_id, "np"))
-        latents = denoise(job, adapter, config)
-        out[name] = latents
-        out[name + "_images"] = _eight_bit(adapter.decode(job, latents, "np"))
-    return out
+    adapter = adapter_for(_uncut_pipeline(model_id))
+    job = adapter.prepare(_request(model_id, "np"))
+    latents = denoise(job, adapter, ParallelConfig(patches=patches, warmup=warmup))
+    return latents, _eight_bit(adapter.decode(job, latents, "np"))
+
+
+def references(model_id: str, patches: int, warmup: int) -> dict[str, Any]:
+    """Serial and patch-sequential final latents and 8-bit images, with an uncut pipeline."""
+    serial, serial_images = _reference(model_id, 1, 1)
+    sequential, sequential_images = _reference(model_id, patches, warmup)
+    return {"serial": serial, "serial_images": serial_images, "sequential": sequential, "sequential_images": sequential_images}
 
 
 def worker(rank: int, world: int, port: int, cases: list[dict[str, Any]], out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       DITPLAN_COLLECTIVE_TIMEOUT_S="120")  # a hung receive raises instead of blocking the test run
     torch.set_num_threads(1)
+    from costmodel.config import ParallelConfig, Placement
     from executor import parallelize
     from executor.tiny import build_tiny_pipeline
 
-    results, error = [], None
-    try:
-        # Built before the process group exists: transformers' save_pretrained writes nothing on a
-        # rank other than 0 once torch.distributed is initialised. A pipeline keeps the stage it
-        # was cut to, so one per (model, plan).
+    with reported_results(rank, out_path) as results:
         def plan_of(case: dict[str, Any]) -> str:
             return (f"pipefusion={case['pipefusion']},cfg={case.get('cfg', 1)},ulysses={case.get('ulysses', 1)},ring={case.get('ring', 1)},"
                     f"patches={case['patches']},warmup={case['warmup']}")
 
-        pipes: dict[tuple[str, str], Any] = {}
-        for case in cases:
-            key = (case["model"], plan_of(case))
+        # A pipeline keeps the stage it was cut to: one per (model, this rank's stage of how many).
+        pipes: dict[tuple[str, int, int], Any] = {}
+
+        def pipe_for(model_id: str, plan: str) -> Any:
+            config = ParallelConfig.parse(plan)
+            key = (model_id, Placement(config).coordinates(rank)["pipefusion"], config.pipefusion)
             if key not in pipes:
-                pipes[key] = build_tiny_pipeline(case["model"], seed=0)
+                pipes[key] = build_tiny_pipeline(model_id, seed=0)
+            return pipes[key]
+
         for case in cases:
             model_id = case["model"]
             plan = plan_of(case)
-            key = (model_id, plan)
-            parallel = parallelize(pipes[key], plan=plan, show_progress=False)
+            parallel = parallelize(pipe_for(model_id, plan), plan=plan, show_progress=False)
             output = parallel(prompt=PROMPT, num_inference_steps=STEPS, seed=0, output_type="latent", **SIZES.get(model_id, {}))
             if rank != 0:
                 continue
@@ -98,12 +109,3 @@ def worker(rank: int, world: int, port: int, cases: list[dict[str, Any]], out_pa
                 "max_level_vs_serial": float(np.abs(images - refs["serial_images"]).max()),
                 "psnr_vs_serial": _psnr(images, refs["serial_images"]),
             })
-    except Exception:
-        error = traceback.format_exc()
-        raise
-    finally:
-        if rank == 0 or error:
-            with open(out_path if rank == 0 else f"{out_path}.rank{rank}", "w") as f:
-                json.dump({"results": results, "error": error}, f)
-        if error is None and dist.is_initialized():
-            dist.destroy_process_group()

@@ -5,7 +5,10 @@ Built straight from configs (no pipeline, no text encoder): 4 blocks (Flux 2+2),
 """
 from __future__ import annotations
 
-from typing import Any
+import json
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -154,3 +157,25 @@ def make_job(family: str, model: torch.nn.Module, latents: torch.Tensor, kwargs:
         return torch.full((batch,), value) if family == "hunyuan" else torch.full((batch,), int(value), dtype=torch.long)
 
     return PatchJob(sample.clone(), list(scheduler.timesteps), scheduler, kwargs, model_input, model_timestep, guide, step, cfg)
+
+
+@contextmanager
+def reported_results(rank: int, out_path: str) -> Iterator[list[dict[str, Any]]]:
+    """A list a spawned worker fills with its results; on leaving, rank 0 (and any rank that raised)
+    writes {"results", "error"} as JSON to `out_path` (`out_path.rankN` for others), and a rank that
+    did not fail leaves the process group."""
+    import torch.distributed as dist
+
+    results: list[dict[str, Any]] = []
+    error = None
+    try:
+        yield results
+    except Exception:
+        error = traceback.format_exc()
+        raise
+    finally:
+        if rank == 0 or error:
+            with open(out_path if rank == 0 else f"{out_path}.rank{rank}", "w") as f:
+                json.dump({"results": results, "error": error}, f)
+        if error is None and dist.is_initialized():
+            dist.destroy_process_group()

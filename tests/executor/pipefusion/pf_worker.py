@@ -6,9 +6,7 @@ the patch-sequential algorithm (same patches and warmup) and the serial loop.
 """
 from __future__ import annotations
 
-import json
 import os
-import traceback
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from costmodel.config import ParallelConfig, Placement
-from pf_tiny import build, make_job
+from pf_tiny import build, make_job, reported_results
 
 Case = dict[str, Any]  # family, pipefusion, cfg, patches, warmup, steps
 
@@ -87,8 +85,7 @@ def worker(rank: int, world: int, port: int, cases: list[Case], out_path: str) -
     torch.set_num_threads(1)
     # A hung receive raises after this long instead of blocking the test run.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    results, error = [], None
-    try:
+    with reported_results(rank, out_path) as results:
         groups: dict[tuple[int, ...], Any] = {}
         for case in cases:  # every rank creates the same groups in the same order
             config = _config(case)
@@ -100,12 +97,3 @@ def worker(rank: int, world: int, port: int, cases: list[Case], out_path: str) -
             result = run_case(case, groups)
             if result is not None:
                 results.append(result)
-    except Exception:
-        error = traceback.format_exc()
-        raise
-    finally:
-        if rank == 0 or error:
-            with open(out_path if rank == 0 else f"{out_path}.rank{rank}", "w") as f:
-                json.dump({"results": results, "error": error}, f)
-        if error is None:
-            dist.destroy_process_group()
