@@ -56,9 +56,11 @@ def check_config(config: "ParallelConfig | str", model: "ModelSpec | str", heigh
         problems.append(f"ulysses={config.ulysses} does not divide {model.id}'s {model.num_heads} attention heads")
     elif model.num_kv_heads % config.ulysses:
         problems.append(f"ulysses={config.ulysses} does not divide {model.id}'s {model.num_kv_heads} key/value heads")
-    if config.pipefusion > model.num_blocks:
+    units = len(model.pipeline_units)
+    if config.pipefusion > units:
+        pairing = " (a temporal block stays on the stage of the spatial block before it)" if units < model.num_blocks else ""
         problems.append(
-            f"pipefusion={config.pipefusion} exceeds {model.id}'s {model.num_blocks} transformer blocks; "
+            f"pipefusion={config.pipefusion} exceeds {model.id}'s {units} transformer blocks{pairing}; "
             "every stage needs at least one block"
         )
     if (config.pipefusion > 1 or config.uses_patches) and config.warmup > steps:

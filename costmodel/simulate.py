@@ -281,14 +281,15 @@ def _step_extras(st: _Setup) -> tuple[float, float, dict[str, float]]:
 # ------------------------------------------------------------------ PipeFusion
 
 def _stages(st: _Setup) -> list[list[tuple[int, str]]]:
-    """Contiguous balanced split of the block sequence over the pipefusion stages."""
-    sequence = list(enumerate(st.model.block_sequence))
+    """Contiguous balanced split of the pipeline units (see ModelSpec.pipeline_units) over the stages."""
+    kinds = st.model.block_sequence
+    units = st.model.pipeline_units
     p = st.config.pipefusion
-    base, extra = divmod(len(sequence), p)
+    base, extra = divmod(len(units), p)
     stages, start = [], 0
     for s in range(p):
         size = base + (1 if s < extra else 0)
-        stages.append(sequence[start:start + size])
+        stages.append([(index, kinds[index]) for unit in units[start:start + size] for index in unit])
         start += size
     return stages
 

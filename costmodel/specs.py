@@ -79,6 +79,19 @@ class ModelSpec:
         return tuple(group.kind for group in self.blocks for _ in range(group.count))
 
     @property
+    def pipeline_units(self) -> tuple[tuple[int, ...], ...]:
+        """Block indices grouped into the pieces a PipeFusion stage boundary may not cut: a temporal
+        block runs in the same loop iteration as the spatial block before it (Latte), so the two stay
+        on one stage; every other block is a unit of its own."""
+        units: list[list[int]] = []
+        for index, kind in enumerate(self.block_sequence):
+            if kind == "temporal" and units:
+                units[-1].append(index)
+            else:
+                units.append([index])
+        return tuple(tuple(unit) for unit in units)
+
+    @property
     def encoder_params(self) -> float:
         return sum(encoder.params for encoder in self.encoders)
 

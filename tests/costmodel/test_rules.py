@@ -24,6 +24,8 @@ def test_valid_configurations_have_no_problems():
     ({"config": "ulysses=3,dp=1"}, "does not divide pixart-alpha's 16 attention heads"),
     ({"config": "pipefusion=32", "steps": 40}, "exceeds pixart-alpha's 28 transformer blocks"),
     ({"config": "pipefusion=2,warmup=30"}, "warmup=30 exceeds steps=20"),
+    ({"config": "pipefusion=8", "model": "tiny-latte", "height": 256, "width": 256, "frames": 8, "steps": 4},
+     "exceeds tiny-latte's 4 transformer blocks (a temporal block stays on the stage of the spatial block"),
     ({"config": "ring=8,patches=16"}, "do not split into patches x sp = 16 x 8 = 128"),
     ({"config": "ring=2", "height": 1000}, "height=1000 is not a multiple of 16"),
     ({"config": "cfg=1", "frames": 4}, "generates images"),
@@ -46,3 +48,12 @@ def test_raising_variant_names_every_rule():
     text = str(error.value)
     assert "24 attention heads" in text and "cfg=2,ulysses=5" in text
     ensure_valid_config("cfg=2,ulysses=4", load_model("sd3-medium"), 1024, 1024, 1, 28, 8)
+
+
+def test_latte_stages_keep_each_temporal_block_with_its_spatial_block():
+    from costmodel.simulate import _setup, _stages
+
+    setup = _setup("latte", "l40-pcie-8", ParallelConfig(pipefusion=4), 512, 512, 16, 50, None)
+    stages = _stages(setup)
+    assert [len(stage) for stage in stages] == [14, 14, 14, 14]
+    assert all(stage[0][1] == "cross" and stage[-1][1] == "temporal" for stage in stages)
