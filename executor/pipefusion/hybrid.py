@@ -7,7 +7,9 @@ Stale K/V stays exact because attention does not depend on the order of its keys
   (After the all-to-all the SP code puts joint-attention text after the image tokens.)
 - Ring: the ring passes K/V blocks around; each ring rank's buffer covers its own 1/r of the image
   (its share of every patch) and is the block it sends around, so the queries meet every token's
-  K/V exactly once per step: fresh where already computed, stale elsewhere. Text K/V travel apart.
+  K/V exactly once per step: fresh where already computed, stale elsewhere. Text K/V travel apart:
+  every ring rank holds the patch's text strip whole, so each keeps the same whole-text buffer and
+  hands it to ring attention as its local text block.
 
 Token shares: in a patch, SP rank c (= ring index * u + Ulysses index) holds the c-th contiguous
 1/(u*r) of the patch's tokens. For the whole image (warmup steps) under Ring, a rank holds its
@@ -78,7 +80,8 @@ class SequenceInStage:
         return self.layout.patch_tokens(m) // self.degree
 
     def share(self, m: int | None, text_tokens: int) -> TokenIndex:
-        """Image-sequence positions of the tokens this rank computes for patch m (None: the image)."""
+        """Image-sequence positions of the tokens this rank computes for patch m (None: the image);
+        `text_tokens`: the joint text tokens of the call (patch m's text strip, or the whole text)."""
         self.shard.text_tokens = text_tokens  # Flux single-stream blocks read it
         if m is not None:
             patch, sub = self.layout.token_index(m), self._sub(m)

@@ -3,8 +3,9 @@
 A patch is a contiguous range of token rows. In the latent tensor it is a slice of dimension -2
 (latent rows, or packed tokens for Flux), and in the image token sequence it is one contiguous
 token range per token frame (several ranges for CogVideoX, whose sequence is frame-major).
-Every size here follows from the shapes alone, so all ranks agree on every message size
-without exchanging any.
+The text stream of joint-attention models is cut the same way into M strips of text tokens
+(`text_slice`). Every size here follows from the shapes alone, so all ranks agree on every message
+size without exchanging any.
 """
 from __future__ import annotations
 
@@ -72,6 +73,17 @@ class PatchLayout:
         start, stop = self.row_bounds[m]
         unit = self.latent_rows_per_token_row
         return slice(start * unit, stop * unit)
+
+    def text_slice(self, m: int | None, text_tokens: int) -> slice:
+        """The text strip that travels with patch m (None: the whole text) out of `text_tokens`.
+
+        MM-DiT text is split into M strips like the image rows, so a step runs the text once in
+        total; sizes differ by at most one token (strips may be empty when text_tokens < M)."""
+        if m is None:
+            return slice(0, text_tokens)
+        base, extra = divmod(text_tokens, self.patches)
+        start = m * base + min(m, extra)
+        return slice(start, start + base + (1 if m < extra else 0))
 
     def token_index(self, m: int) -> slice | torch.Tensor:
         """Positions of the patch's tokens in the image sequence (a slice when contiguous)."""

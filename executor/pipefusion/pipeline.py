@@ -11,10 +11,11 @@ Communication: every message is one contiguous tensor whose size both ends deriv
 layout and the configuration (StagedTransformer.carry_spec), never from the data. Sends are
 asynchronous (isend); each stage keeps its next receives posted ahead (irecv) so a sender never
 waits for the receiver to reach its receive call. Messages go to the next stage (the patch's carry:
-image tokens, the text stream of MM-DiT models), to the mirror stage (HunyuanDiT's long skips, sent
-once from where they are made to where they are used) and from the last stage to stage 0 (strips). With CFG parallelism each CFG half runs its own
-pipeline; the last stages of the two gather the strip's model output (one all-gather in the cfg
-group) and apply the same guidance and scheduler step.
+image tokens, the patch's strip of the text stream of MM-DiT models, so the text crosses each
+boundary once per step), to the mirror stage (HunyuanDiT's long skips, sent once from where they
+are made to where they are used) and from the last stage to stage 0 (strips). With CFG
+parallelism each CFG half runs its own pipeline; the last stages of the two gather the strip's
+model output (one all-gather in the cfg group) and apply the same guidance and scheduler step.
 """
 from __future__ import annotations
 
@@ -165,8 +166,14 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     strip_dtype = latents.dtype
     sp = prod(dist.get_world_size(g) if g is not None else 1 for g in (ulysses_group, ring_group))
 
+    text_total = stages.text_tokens(cond0)
+
     def tokens_of(patch: int | None) -> int:
         return layout.image_tokens if patch is None else layout.patch_tokens(patch)
+
+    def text_of(patch: int | None) -> int:
+        strip = layout.text_slice(patch, text_total)
+        return strip.stop - strip.start
 
     problems = patch_problems(layout, sp)
     if problems:
@@ -180,7 +187,7 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
 
     def message_spec(patch: int | None, source: int, target: int) -> Spec:
         tokens = tokens_of(patch) // sp
-        spec = stages.carry_spec(cond0, carry_batch, tokens) if target == source + 1 else {}
+        spec = stages.carry_spec(cond0, carry_batch, tokens, text_of(patch)) if target == source + 1 else {}
         for key, src, dst in skip_routes:
             if (src, dst) == (source, target):
                 spec[key] = (carry_batch, tokens, stages.hidden_size())
@@ -214,7 +221,7 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     # Buffer rows: the image, or under Ring this rank's share of it (every patch's share, for its
     # Ulysses peers too); see hybrid.py.
     ring_degree = dist.get_world_size(ring_group) if ring_group is not None else 1
-    state = StaleKVState(buffer_tokens=layout.image_tokens // ring_degree)
+    state = StaleKVState(buffer_tokens=layout.image_tokens // ring_degree, text_buffer_tokens=text_total)
     handle = install_stale_kv(layers, state)
     try:
         sources = receives_from if not first else ([count - 1] if count > 1 else [])
@@ -224,12 +231,14 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
             step_started = time.perf_counter()
             timestep = job.model_timestep(t, x0.shape[0])
             cond = stages.condition(x0, timestep, kwargs)
-            state.text_tokens = stages.text_tokens(cond)
             pieces = [None] if i < warmup else list(range(patches))
             state.mode = "fill" if i < warmup else "patch"
             for m in pieces:
                 index = None if m is None else layout.token_index(m)
                 state.index = index  # the buffer rows: the whole patch (after the all-to-all)
+                # The patch's text strip (None: the whole text), held whole by every SP rank.
+                text_index = None if m is None else layout.text_slice(m, text_total)
+                state.text_index, state.text_tokens = text_index, text_of(m)
                 mine = index  # the image tokens this rank computes
                 if sequence:
                     mine = sequence.share(m, state.text_tokens)
@@ -238,13 +247,13 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
                 if first:
                     if m is not None and i > warmup and count > 1:  # strip m of step i-1, from the last stage
                         layout.put_latent(latents, m, inboxes[count - 1].recv()["latents"])
-                    carry = stages.select(stages.embed(model_input(latents, t), cond), mine)
+                    carry = stages.select(stages.embed(model_input(latents, t), cond), mine, text_index)
                 else:
                     carry = {}
                     for source in receives_from:
                         carry.update(inboxes[source].recv())
                 for unit in units:
-                    carry = stages.run_unit(unit, carry, cond, mine)
+                    carry = stages.run_unit(unit, carry, cond, mine, text_index)
                 if not last:
                     for target in sends_to:
                         outbox.send(carry, message_spec(m, stage, target), pipe_ranks[target])

@@ -1,8 +1,9 @@
 """The patch-sequential stale-KV algorithm in one process (`pipefusion=1, patches=M`).
 
 Within a step, patch m runs through all blocks while every self-attention layer's buffer holds
-fresh K/V for patches 0..m and the previous step's for the rest: exactly what every stage of the
-distributed pipeline sees, whatever the stage count. So this is the reference each distributed
+fresh K/V for patches 0..m (image rows and, for joint attention, text strips) and the previous
+step's for the rest: exactly what every stage of the distributed pipeline sees, whatever the stage
+count. So this is the reference each distributed
 plan with the same patches and warmup must reproduce, and a way to see PipeFusion's image quality
 without a cluster.
 """
@@ -37,7 +38,7 @@ def denoise_sequential(job: PatchJob, stages: StagedTransformer, patches: int, w
             x = job.model_input(latents, t)
             timestep = job.model_timestep(t, x.shape[0])
             cond = stages.condition(x, timestep, job.model_kwargs)
-            state.text_tokens = stages.text_tokens(cond)
+            state.text_tokens = state.text_buffer_tokens = stages.text_tokens(cond)
             if i < warmup or patches == 1:
                 state.mode, state.index = ("fill" if patches > 1 else "off"), None
                 noise = job.guide(stages.forward(x, timestep, job.model_kwargs, layout), i, t)
@@ -57,11 +58,11 @@ def _patch_step(job: PatchJob, stages: StagedTransformer, scheduler: PatchSchedu
     state.mode = "patch"
     image = stages.embed(x, cond)
     for m in range(patches):
-        index = layout.token_index(m)
-        state.index = index
-        carry = stages.select(image, index)
+        index, text_index = layout.token_index(m), layout.text_slice(m, state.text_buffer_tokens)
+        state.index, state.text_index, state.text_tokens = index, text_index, text_index.stop - text_index.start
+        carry = stages.select(image, index, text_index)
         for unit in range(stages.unit_count()):
-            carry = stages.run_unit(unit, carry, cond, index)
+            carry = stages.run_unit(unit, carry, cond, index, text_index)
         noise = job.guide(stages.head(carry, cond, layout, m), i, t)
         with scheduler.patch(m):
             strip = job.step(scheduler, noise, t, layout.take_latent(latents, m), i, m)

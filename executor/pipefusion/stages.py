@@ -9,8 +9,10 @@ same computation is exposed piece by piece so that
 
 Conditioning is cheap and needed by every block, so every stage computes it from the step's inputs;
 the patch embedding lives on the first stage, the head on the last. The state passed from stage to
-stage is the "carry": the image tokens of the patch, the text stream where it evolves through the
-blocks (SD3, Flux, CogVideoX: its K/V are fresh in every patch) and HunyuanDiT's long skips.
+stage is the "carry": the image tokens of the patch, the patch's strip of the text stream where it
+evolves through the blocks (SD3, Flux, CogVideoX: the text is split into M strips like the image
+rows, PatchLayout.text_slice, and its K/V are buffered like the image's, see stale_kv.py) and
+HunyuanDiT's long skips.
 """
 from __future__ import annotations
 
@@ -40,14 +42,16 @@ def _unpatchify(tokens: torch.Tensor, rows: int, cols: int, patch: int, channels
     return x.reshape(n, channels, rows * patch, cols * patch)
 
 
-def _rotary_rows(rotary: Any, index: TokenIndex, text_tokens: int = 0) -> Any:
-    """Rows of a (cos, sin) rotary table for the patch's tokens; text rows (first) stay whole."""
-    if rotary is None or index is None:
+def _rotary_rows(rotary: Any, index: TokenIndex, text_tokens: int = 0, text_index: slice | None = None) -> Any:
+    """Rows of a (cos, sin) rotary table for the patch's tokens. The table's first `text_tokens`
+    rows are the text's (Flux); of those the patch's text strip `text_index` is kept (None: all)."""
+    if rotary is None or (index is None and text_index is None):
         return rotary
     parts = []
     for table in rotary:
-        image = take_tokens(table[text_tokens:], index, dim=0)
-        parts.append(torch.cat([table[:text_tokens], image]) if text_tokens else image)
+        image = table[text_tokens:] if index is None else take_tokens(table[text_tokens:], index, dim=0)
+        text = table[:text_tokens] if text_index is None else table[:text_tokens][text_index]
+        parts.append(torch.cat([text, image]) if text_tokens else image)
     return tuple(parts)
 
 
@@ -91,15 +95,18 @@ class StagedTransformer:
         """The carry for the whole image (the first stage's job)."""
         raise NotImplementedError
 
-    def select(self, carry: Carry, index: TokenIndex) -> Carry:
-        """The carry of one patch out of the whole image's."""
-        if index is None:
-            return carry
+    def select(self, carry: Carry, index: TokenIndex, text_index: slice | None = None) -> Carry:
+        """The carry of one patch out of the whole image's: its image tokens and its text strip."""
         out = dict(carry)
-        out["hidden"] = take_tokens(carry["hidden"], index, dim=1)
+        if index is not None:
+            out["hidden"] = take_tokens(carry["hidden"], index, dim=1)
+        if text_index is not None and "text" in carry:
+            out["text"] = carry["text"][:, text_index]
         return out
 
-    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex) -> Carry:
+    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
+        """Run `unit` on the carry of image tokens `index` (None: all) and, for joint-attention
+        families, of the text strip `text_index` (None: the whole text)."""
         raise NotImplementedError
 
     def head(self, carry: Carry, cond: Cond, layout: PatchLayout, patch: int | None, gather: Gather = None) -> torch.Tensor:
@@ -114,15 +121,16 @@ class StagedTransformer:
     def hidden_size(self) -> int:
         return self.config.num_attention_heads * self.config.attention_head_dim
 
-    def carry_spec(self, cond: Cond, batch: int, tokens: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the carry passed from a stage to the next for `tokens` image tokens (skips aside).
+    def carry_spec(self, cond: Cond, batch: int, tokens: int, text_tokens: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the carry passed from a stage to the next for `tokens` image tokens and a text
+        strip of `text_tokens` (skips aside).
 
         Derived from the configuration alone, so a stage knows what it will receive before it
         receives it (gloo needs the sizes of both ends to agree).
         """
         spec = {"hidden": (batch, tokens, self.hidden_size())}
         if self.carries_text:
-            spec["text"] = (batch, self.text_tokens(cond), self.hidden_size())
+            spec["text"] = (batch, text_tokens, self.hidden_size())
         return spec
 
     def skip_pairs(self) -> list[tuple[int, int, str]]:
@@ -135,6 +143,7 @@ class StagedTransformer:
         return batch
 
     def text_tokens(self, cond: Cond) -> int:
+        """Text tokens of the whole joint sequence (0 where text does not join the attention)."""
         return int(cond.get("text_tokens", 0))
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any], layout: PatchLayout) -> torch.Tensor:
@@ -182,7 +191,7 @@ class PixArtStages(StagedTransformer):
     def embed(self, latents: torch.Tensor, cond: Cond) -> Carry:
         return {"hidden": self.transformer.pos_embed(latents)}
 
-    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex) -> Carry:
+    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
         block = self.transformer.transformer_blocks[unit]
         hidden = block(
             carry["hidden"], attention_mask=None, encoder_hidden_states=cond["text"],
@@ -232,7 +241,7 @@ class SD3Stages(StagedTransformer):
         t = self.transformer
         return {"hidden": t.pos_embed(latents).contiguous(), "text": t.context_embedder(cond["raw_text"])}
 
-    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex) -> Carry:
+    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
         block = self.transformer.transformer_blocks[unit]
         text, hidden = block(hidden_states=carry["hidden"], encoder_hidden_states=carry["text"], temb=cond["temb"], joint_attention_kwargs=None)
         return {"hidden": hidden} if text is None else {"hidden": hidden, "text": text}
@@ -300,9 +309,9 @@ class FluxStages(StagedTransformer):
         t = self.transformer
         return {"hidden": t.x_embedder(latents), "text": t.context_embedder(cond["raw_text"])}
 
-    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex) -> Carry:
+    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
         blocks, i = self._block(unit)
-        rotary = _rotary_rows(cond["rotary"], index, cond["text_tokens"])
+        rotary = _rotary_rows(cond["rotary"], index, cond["text_tokens"], text_index)
         text, hidden = blocks[i](
             hidden_states=carry["hidden"], encoder_hidden_states=carry["text"], temb=cond["temb"],
             image_rotary_emb=rotary, joint_attention_kwargs=None,
@@ -356,7 +365,7 @@ class HunyuanStages(StagedTransformer):
         layers = self.config.num_layers
         return [(i, layers - 1 - i, f"skip.{i}") for i in range(layers // 2 - 1)]
 
-    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex) -> Carry:
+    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
         layers = self.config.num_layers
         block = self.transformer.blocks[unit]
         out = dict(carry)
@@ -416,7 +425,7 @@ class CogVideoXStages(StagedTransformer):
         n = cond["text_tokens"]
         return {"hidden": tokens[:, n:], "text": tokens[:, :n]}
 
-    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex) -> Carry:
+    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
         block = self.transformer.transformer_blocks[unit]
         hidden, text = block(
             hidden_states=carry["hidden"], encoder_hidden_states=carry["text"], temb=cond["temb"],
@@ -478,7 +487,7 @@ class LatteStages(StagedTransformer):
         b, c, f, h, w = latents.shape
         return {"hidden": self.transformer.pos_embed(latents.permute(0, 2, 1, 3, 4).reshape(-1, c, h, w))}
 
-    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex) -> Carry:
+    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
         t = self.transformer
         hidden = t.transformer_blocks[unit](carry["hidden"], None, cond["text"], cond["text_mask"], cond["temb_spatial"], None, None)
         if cond["temporal"]:

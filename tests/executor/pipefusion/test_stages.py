@@ -29,8 +29,9 @@ def test_pieces_in_sequence_equal_the_forward(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stale_kv_patches_reproduce_the_full_image_when_nothing_changed(family: str) -> None:
-    """Buffers filled from the same input: every patch sees exactly the full image's K/V, so each
-    patch's output is the full output's strip; a buffer fed other K/V (next test) changes it."""
+    """Buffers filled from the same input: every patch (image rows and, for joint attention, its
+    text strip; 6 text tokens over 4 patches is an uneven split) sees exactly the full image's
+    and text's K/V, so each patch's output is the full output's strip; poisoned buffers change it."""
     model, latents, kwargs = build(family)
     t = model_timestep(family, 500.0, latents.shape[0])
     stages = staged(model, family)
@@ -41,25 +42,28 @@ def test_stale_kv_patches_reproduce_the_full_image_when_nothing_changed(family: 
         with torch.no_grad():
             state.mode = "fill"
             cond = stages.condition(latents, t, kwargs)
-            state.text_tokens = stages.text_tokens(cond)
+            text_tokens = state.text_tokens = stages.text_tokens(cond)
             full = stages.forward(latents, t, kwargs, layout)
             state.mode = "patch"
             image = stages.embed(latents, cond)
-            for m in range(layout.patches):
-                state.index = layout.token_index(m)
-                carry = stages.select(image, state.index)
+
+            def run_patch(m: int) -> torch.Tensor:
+                state.index, state.text_index = layout.token_index(m), layout.text_slice(m, text_tokens)
+                state.text_tokens = state.text_index.stop - state.text_index.start
+                carry = stages.select(image, state.index, state.text_index)
                 for unit in range(stages.unit_count()):
-                    carry = stages.run_unit(unit, carry, cond, state.index)
-                torch.testing.assert_close(stages.head(carry, cond, layout, m), layout.take_latent(full, m), rtol=1e-5, atol=1e-5)
+                    carry = stages.run_unit(unit, carry, cond, state.index, state.text_index)
+                return stages.head(carry, cond, layout, m)
+
+            for m in range(layout.patches):
+                torch.testing.assert_close(run_patch(m), layout.take_latent(full, m), rtol=1e-5, atol=1e-5)
             # Stale rows matter: poison the buffers outside patch 0 and patch 0's output moves.
             for processor in state.processors:
-                for buffer in (processor.key, processor.value):
-                    buffer.mul_(3.0)
-            state.index = layout.token_index(0)
-            carry = stages.select(image, state.index)
-            for unit in range(stages.unit_count()):
-                carry = stages.run_unit(unit, carry, cond, state.index)
-            assert (stages.head(carry, cond, layout, 0) - layout.take_latent(full, 0)).abs().max() > 1e-3
+                for buffer in (processor.image.key, processor.image.value, processor.text.key, processor.text.value):
+                    if buffer is not None:
+                        buffer.mul_(3.0)
+            patch0 = run_patch(0)
+            assert (patch0 - layout.take_latent(full, 0)).abs().max() > 1e-3
     finally:
         handle.remove()
     assert all(not hasattr(module.processor, "state") for module, _ in stages.stale_layers(range(stages.unit_count())))
