@@ -2,12 +2,15 @@
 h100-sxm-nvlink-8), for the event simulator (`simulate`) and the closed form (`estimate`).
 
 Each configuration is timed on a fresh cluster object (no communication cache carried over) and
-again warm (as the planner sees it: one cluster, thousands of configurations).
+again warm (as the planner sees it: one cluster, thousands of configurations). First, the wall time
+of the issue's `ditplan simulate ... --format json` command in a fresh process (target: under 3 s).
 
     .venv/bin/python benchmarks/simulate_speed.py
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 from costmodel import ParallelConfig, estimate, load_cluster, simulate
@@ -25,7 +28,18 @@ def rate(function, model, cluster_id, gpus, nodes, configs, shape, fresh: bool, 
     return done / (time.perf_counter() - start)
 
 
+MUST_SHOW = ["simulate", "--model", "flux-dev", "--height", "1024", "--width", "1024", "--steps", "28",
+             "--cluster", "h100-sxm-nvlink-8", "--gpus", "4", "--config", "ulysses=4", "--format", "json"]
+
+
+def fresh_process_seconds() -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "planner", *MUST_SHOW], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
+    print(f"`ditplan {' '.join(MUST_SHOW)}` in a fresh process: {fresh_process_seconds():.2f} s wall")
     cases = [
         ("8 GPUs, pixart-alpha 1024px on l40-pcie-8", "pixart-alpha", "l40-pcie-8", 8, 1,
          ["cfg=2,pipefusion=4", "pipefusion=8", "ring=8", "ulysses=8", "cfg=2,ulysses=2,pipefusion=2,patches=4",
