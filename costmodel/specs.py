@@ -116,21 +116,6 @@ class ModelSpec:
         return tframes * rows * cols
 
 
-def _model_path(name_or_path: str) -> Path:
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or "/" in name_or_path:
-        if not candidate.is_file():
-            raise DitplanError(f"model file {name_or_path!r} does not exist.")
-        return candidate
-    path = MODELS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise DitplanError(
-            f"unknown model {name_or_path!r}; the built-in models are {', '.join(list_models())} "
-            "(or give a path to a model YAML)."
-        )
-    return path
-
-
 def list_models() -> list[str]:
     """Ids of the built-in models, real ones first, then the tiny ones."""
     names = sorted(path.stem for path in MODELS_DIR.glob("*.yaml"))
@@ -141,7 +126,7 @@ def load_model(name_or_path: "str | ModelSpec") -> ModelSpec:
     """A model id or a YAML path -> ModelSpec; every schema break is a DitplanError naming file and key."""
     if isinstance(name_or_path, ModelSpec):
         return name_or_path
-    return _load_model_file(str(_model_path(str(name_or_path)).resolve()))
+    return _load_model_file(str(strict.profile_path(str(name_or_path), MODELS_DIR, "model", list_models).resolve()))
 
 
 @lru_cache(maxsize=64)

@@ -6,11 +6,28 @@ the file, the key and the rule in one sentence.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from costmodel.errors import DitplanError
+
+
+def profile_path(name_or_path: str, folder: Path, kind: str, known: Callable[[], list[str]]) -> Path:
+    """A built-in profile id (`folder/<id>.yaml`) or a path to a YAML file of that `kind` ("model",
+    "cluster"); an unknown id lists the built-in ones (`known()`, called only then)."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        if not candidate.is_file():
+            raise DitplanError(f"{kind} file {name_or_path!r} does not exist.")
+        return candidate
+    path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise DitplanError(
+            f"unknown {kind} {name_or_path!r}; the built-in {kind}s are {', '.join(known())} "
+            f"(or give a path to a {kind} YAML)."
+        )
+    return path
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

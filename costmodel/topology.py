@@ -356,21 +356,6 @@ def _measured(data: Any, where: str) -> Measured:
     return measured
 
 
-def _cluster_path(name_or_path: str) -> Path:
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or "/" in name_or_path:
-        if not candidate.is_file():
-            raise DitplanError(f"cluster file {name_or_path!r} does not exist.")
-        return candidate
-    path = CLUSTERS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise DitplanError(
-            f"unknown cluster {name_or_path!r}; the built-in clusters are {', '.join(list_clusters())} "
-            "(or give a path to a cluster YAML)."
-        )
-    return path
-
-
 @lru_cache(maxsize=64)
 def _read_cluster(path_text: str) -> dict[str, Any]:
     """Validate a cluster file once; returns the parsed pieces."""
@@ -470,7 +455,7 @@ def _node_graph(p: dict[str, Any]) -> nx.Graph:
 
 def load_cluster(name_or_path: str, gpus: int | None = None, nodes: int | None = None) -> Cluster:
     """A cluster id or YAML path -> Cluster of `nodes` nodes (default: the file's) using its first `gpus` GPUs."""
-    path = _cluster_path(str(name_or_path)).resolve()
+    path = strict.profile_path(str(name_or_path), CLUSTERS_DIR, "cluster", list_clusters).resolve()
     p = _read_cluster(str(path))
     node_count = p["nodes"] if nodes is None else nodes
     if isinstance(node_count, bool) or not isinstance(node_count, int) or node_count < 1:

@@ -6,7 +6,7 @@ Heavy imports (torch, diffusers) happen on first use of these names.
 """
 from __future__ import annotations
 
-from typing import Any
+from costmodel.lazy import lazy_exports
 
 _EXPORTS = {
     "parallelize": "executor.parallel",
@@ -16,13 +16,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'executor' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -9,7 +9,7 @@ Python faces for notebooks (imported on first use, so `import planner` stays che
 """
 from __future__ import annotations
 
-from typing import Any
+from costmodel.lazy import lazy_exports
 
 _EXPORTS = {
     "search": "planner.ranking",
@@ -22,13 +22,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'planner' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
