@@ -72,6 +72,11 @@ def _tokens_first(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.transpose(1, 2).reshape(b, s, h * d)
 
 
+def _project_out(attn: torch.nn.Module, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The attention module's output projection (linear + dropout) on a head-major attention result."""
+    return attn.to_out[1](attn.to_out[0](_tokens_first(out).to(dtype)))
+
+
 def _project(attn: torch.nn.Module, states: torch.Tensor, text: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values [B, heads, tokens, head_dim] of `states` through the layer's image
     projections (text: its separate `add_*` text projections), with its query/key norms."""
@@ -137,7 +142,7 @@ class SelfAttentionProcessor(_SequenceParallelProcessor):
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
         out, _ = self._attend(query, key, value)
-        out = attn.to_out[1](attn.to_out[0](_tokens_first(out).to(query.dtype)))
+        out = _project_out(attn, out, query.dtype)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
@@ -157,11 +162,11 @@ class JointAttentionProcessor(_SequenceParallelProcessor):
         query, key, value = _project(attn, hidden_states)
         if encoder_hidden_states is None:  # SD3.5's image-only second attention
             out, _ = self._attend(query, key, value)
-            return attn.to_out[1](attn.to_out[0](_tokens_first(out).to(query.dtype)))
+            return _project_out(attn, out, query.dtype)
 
         text_query, text_key, text_value = _project(attn, encoder_hidden_states, text=True)
         out, text_out = self._attend(query, key, value, text_query, text_key, text_value)
-        out = attn.to_out[1](attn.to_out[0](_tokens_first(out).to(query.dtype)))
+        out = _project_out(attn, out, query.dtype)
         text_out = _tokens_first(text_out).to(query.dtype)
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
