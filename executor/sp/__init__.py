@@ -4,8 +4,9 @@
 `transformer(**kwargs)` call, run on every rank of the SP group with the same inputs, return the
 serial output on every rank while each rank computes only its share of the image tokens:
 
-* a forward hook on the patch embedding keeps this rank's chunk of the image tokens (text tokens,
-  where the embedding emits them too, stay whole);
+* a forward hook on the patch embedding keeps this rank's chunk of the image tokens; joint-attention
+  text tokens stay whole on every rank (SD3, CogVideoX), except Flux's, which are split like the
+  image tokens where their count divides (see `_install_flux`);
 * rotary tables are cut to the same tokens (a pre-hook on the transformer for tables passed in,
   a hook on Flux's position embedder for the one it computes);
 * SP attention processors replace the image self/joint attention processors; cross-attention to
@@ -195,12 +196,26 @@ def _install_flux(transformer, shard, handle) -> None:
         _install(handle, block.attn, processor)
     handle._hooks.append(transformer.x_embedder.register_forward_hook(_split_tokens(shard)))
 
+    def split_text(module, args, output):
+        # Flux's single-stream blocks run attention and MLP over [text; image]: a whole text stream on
+        # every rank repeats that work sp times (T = 512 against S/sp = 512 image tokens at 1024 px on
+        # 8 ranks), so the text is split like the image when its token count divides; else it stays whole.
+        text_tokens = output.shape[1]
+        shard.text_split = text_tokens % shard.degree == 0
+        if not shard.text_split:
+            shard.text_tokens, shard.text_rows = text_tokens, slice(0, text_tokens)
+            return output
+        per_rank = text_tokens // shard.degree
+        shard.text_tokens, shard.text_rows = per_rank, slice(shard.chunk * per_rank, (shard.chunk + 1) * per_rank)
+        return output[:, shard.text_rows].contiguous()
+
+    handle._hooks.append(transformer.context_embedder.register_forward_hook(split_text))
+
     def slice_rotary(module, args, output):
-        # pos_embed(ids) for ids = [text ids; image ids]: keep every text row and my image rows.
-        text_tokens = output[0].shape[0] - shard.image_tokens
-        shard.text_tokens = text_tokens
-        keep = torch.cat([torch.arange(text_tokens), text_tokens + torch.arange(shard.start, shard.stop)]).to(output[0].device)
-        return tuple(part[keep] for part in output)
+        # pos_embed(ids) for ids = [text ids; image ids]: keep my text rows and my image rows.
+        text_total = output[0].shape[0] - shard.image_tokens
+        keep = torch.cat([torch.arange(text_total)[shard.text_rows], text_total + torch.arange(shard.start, shard.stop)])
+        return tuple(part[keep.to(part.device)] for part in output)
 
     handle._hooks.append(transformer.pos_embed.register_forward_hook(slice_rotary))
 

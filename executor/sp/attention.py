@@ -166,8 +166,7 @@ def sequence_parallel_attention(
 
     if group_size(ulysses_group) > 1:
         # Q, K and V travel in one all-to-all (one message per peer instead of three).
-        qkv = ulysses_scatter_heads(torch.stack([query, key, value]), ulysses_group)
-        query, key, value = qkv[0], qkv[1], qkv[2]
+        query, key, value = ulysses_scatter_heads([query, key, value], ulysses_group)
     if has_text:
         text_query = local_heads(text_query, ulysses_group)
         text_key = local_heads(text_key, ulysses_group)
@@ -187,7 +186,7 @@ def sequence_parallel_attention(
     else:
         out, text_out = F.scaled_dot_product_attention(query, key, value), None
 
-    out = ulysses_gather_heads(out.contiguous(), ulysses_group)
+    out = ulysses_gather_heads(out, ulysses_group)
     if text_out is not None:
         text_out = all_gather_along(text_out, dim=1, group=ulysses_group)
     return out, text_out

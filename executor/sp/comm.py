@@ -88,28 +88,28 @@ def _decode_shapes(row: list[int], names: list[str]) -> dict[str, tuple[int, ...
     return decoded
 
 
-def ulysses_scatter_heads(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """All-to-all from [B, H, S/u, D] (all heads, my tokens) to [B, H/u, S, D] (my heads, all tokens).
+def ulysses_scatter_heads(tensors: Sequence[torch.Tensor], group: ProcessGroup | None) -> list[torch.Tensor]:
+    """All-to-all each tensor from [B, H, S/u, D] (all heads, my tokens) to [B, H/u, S, D] (my heads, all tokens).
 
     Rank j of the group receives head block j; the gathered tokens are ordered by source rank, so the
-    group's ranks must hold consecutive token chunks in rank order. Several tensors can travel in one
-    call when stacked along a leading dimension: the input is then [N, B, H, S/u, D].
+    group's ranks must hold consecutive token chunks in rank order. The tensors (same shape: Q, K and
+    V) travel in one call, one message per peer; each is copied once, straight into the send buffer.
     """
     u = group_size(group)
     if u == 1:
-        return tensor
-    stacked = tensor.dim() == 5
-    data = tensor if stacked else tensor.unsqueeze(0)
-    n, b, h, s, d = data.shape
+        return list(tensors)
+    b, h, s, d = tensors[0].shape
     if h % u:
         raise DitplanError(f"Ulysses: {h} attention heads do not divide over ulysses={u} ranks; heads % ulysses must be 0.")
-    # [N, B, u, H/u, S, D] -> [u, N, B, H/u, S, D]: the block for rank j is one contiguous slab.
-    send = data.reshape(n, b, u, h // u, s, d).permute(2, 0, 1, 3, 4, 5).contiguous()
+    # Send buffer [u, N, B, H/u, S, D]: the block for rank j is one contiguous slab.
+    send = torch.empty((u, len(tensors), b, h // u, s, d), dtype=tensors[0].dtype, device=tensors[0].device)
+    for index, tensor in enumerate(tensors):
+        send[:, index].copy_(tensor.unflatten(1, (u, h // u)).transpose(0, 1))
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     # received[j] holds source rank j's tokens for my heads: put the source index next to the tokens.
-    out = received.permute(1, 2, 3, 0, 4, 5).reshape(n, b, h // u, u * s, d)
-    return out if stacked else out.squeeze(0)
+    gathered = received.permute(1, 2, 3, 0, 4, 5).reshape(len(tensors), b, h // u, u * s, d)
+    return list(gathered.unbind(0))
 
 
 def ulysses_gather_heads(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -120,8 +120,9 @@ def ulysses_gather_heads(tensor: torch.Tensor, group: ProcessGroup | None) -> to
     b, h_local, s, d = tensor.shape
     if s % u:
         raise DitplanError(f"Ulysses: {s} tokens do not divide over ulysses={u} ranks; tokens % ulysses must be 0.")
-    # [B, H/u, u, S/u, D] -> [u, B, H/u, S/u, D]: token block j goes back to rank j.
-    send = tensor.reshape(b, h_local, u, s // u, d).permute(2, 0, 1, 3, 4).contiguous()
+    # Send buffer [u, B, H/u, S/u, D]: token block j goes back to rank j (one copy, from any strides).
+    send = torch.empty((u, b, h_local, s // u, d), dtype=tensor.dtype, device=tensor.device)
+    send.copy_(tensor.unflatten(2, (u, s // u)).permute(2, 0, 1, 3, 4))
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     # received[j] holds my tokens for source rank j's heads, and rank j held head block j.

@@ -14,7 +14,7 @@ Rotary tables reach the processors already cut to this rank's tokens (see execut
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
@@ -39,11 +39,20 @@ class SequenceShard:
     image_tokens: int = 0  # whole image sequence (Latte: tokens of one frame)
     start: int = 0
     stop: int = 0
-    text_tokens: int = 0  # joint-attention text tokens ahead of the image tokens (Flux single blocks)
+    text_tokens: int = 0  # joint-attention text tokens ahead of the image tokens on this rank (Flux single blocks)
+    # Flux: True when the text is split over the group like the image (text_rows: mine of the whole
+    # text); then each rank's [text; image] chunk is simply its share of one joint sequence.
+    text_split: bool = False
+    text_rows: slice = field(default_factory=lambda: slice(None))
 
     @property
     def degree(self) -> int:
         return group_size(self.ulysses_group) * group_size(self.ring_group)
+
+    @property
+    def chunk(self) -> int:
+        """This rank's chunk index in the sequence: ring index * ulysses + Ulysses index."""
+        return group_rank(self.ring_group) * group_size(self.ulysses_group) + group_rank(self.ulysses_group)
 
     def split(self, tokens: int, what: str = "image tokens") -> slice:
         """Fix this forward's token range for a sequence of `tokens`; refuse sizes that do not divide."""
@@ -55,8 +64,7 @@ class SequenceShard:
                 f"token count is a multiple of {u * r}, or a smaller sequence-parallel degree."
             )
         per_rank = tokens // (u * r)
-        chunk = group_rank(self.ring_group) * u + group_rank(self.ulysses_group)
-        self.image_tokens, self.start, self.stop = tokens, chunk * per_rank, (chunk + 1) * per_rank
+        self.image_tokens, self.start, self.stop = tokens, self.chunk * per_rank, (self.chunk + 1) * per_rank
         return slice(self.start, self.stop)
 
 
@@ -203,7 +211,8 @@ class CogVideoXAttentionProcessor(_SequenceParallelProcessor):
 
 class FluxAttentionProcessor(_SequenceParallelProcessor):
     """Flux's attention, double-stream (separate text projections) and single-stream (the text tokens
-    lead `hidden_states`; their count comes from the shard). Rotary rows are [text, my image tokens]."""
+    lead `hidden_states`; their count comes from the shard). Rotary rows are [my text, my image tokens]:
+    the whole text, or my share of it where the shard splits the text."""
 
     def __call__(
         self,
@@ -245,11 +254,17 @@ class FluxAttentionProcessor(_SequenceParallelProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, T + S/sp, D]
-        out, text_out = self._attend(
-            query[:, :, text_tokens:], key[:, :, text_tokens:], value[:, :, text_tokens:],
-            query[:, :, :text_tokens], key[:, :, :text_tokens], value[:, :, :text_tokens],
-        )
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, text + S/sp, D]
+        if self.shard.text_split:
+            # Every rank holds its share of the text too: [text; image] is one piece of the joint
+            # sequence, and attention does not care in which order the keys arrive.
+            joint, _ = self._attend(query, key, value)
+            text_out, out = joint[:, :, :text_tokens], joint[:, :, text_tokens:]
+        else:
+            out, text_out = self._attend(
+                query[:, :, text_tokens:], key[:, :, text_tokens:], value[:, :, text_tokens:],
+                query[:, :, :text_tokens], key[:, :, :text_tokens], value[:, :, :text_tokens],
+            )
         out, text_out = _tokens_first(out).to(query.dtype), _tokens_first(text_out).to(query.dtype)
         if double_stream:
             out = attn.to_out[1](attn.to_out[0](out.contiguous()))

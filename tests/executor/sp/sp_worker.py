@@ -126,6 +126,8 @@ def main() -> None:
                         shard = handle.shard  # proof that this rank computed only its share of the tokens
                         if shard.stop - shard.start != shard.image_tokens // (u * r):
                             raise AssertionError(f"rank held tokens {shard.start}:{shard.stop} of {shard.image_tokens}")
+                        if family == "flux":  # which text layout ran: split over the ranks, or whole
+                            results[f"flux/{layout_name(u, r)}/text"] = [shard.text_split, shard.text_tokens]
                         return max_diff(output, serial)
                     finally:
                         handle.remove()

@@ -83,6 +83,16 @@ def test_four_rank_layouts_match_serial(four_ranks, family, layout):
 
 
 @pytest.mark.timeout(DEADLINE_S + 60)
+def test_flux_text_is_split_where_it_divides_and_whole_where_it_does_not(two_ranks, four_ranks):
+    # Six text tokens: three per rank over 2 ranks; over 4 they do not divide and stay whole.
+    for results, layouts, expected in ((two_ranks, ["ulysses=2,ring=1", "ulysses=1,ring=2"], [True, 3]),
+                                       (four_ranks, ["ulysses=2,ring=2", "ulysses=1,ring=4", "ulysses=4,ring=1"], [False, 6])):
+        for layout in layouts:
+            for rank, result in enumerate(results):
+                assert result[f"flux/{layout}/text"] == expected, f"rank {rank}, {layout}: {result[f'flux/{layout}/text']}"
+
+
+@pytest.mark.timeout(DEADLINE_S + 60)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remove_restores_the_serial_transformer(two_ranks, four_ranks, family):
     for results in (two_ranks, four_ranks):
