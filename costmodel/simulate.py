@@ -4,7 +4,8 @@ Method models (MECHANICS.md):
 - CFG: each half of the guidance batch on its own ranks; one all-gather of the noise prediction per step.
 - DP: replicas on other prompts; no communication, but their groups share links with ours.
 - Ulysses: four all-to-alls per attention layer (q, k, v in; output back), not overlapped; text
-  tokens of joint attention stay on every rank (each rank projects all of them).
+  tokens of joint attention stay on every rank (each rank projects all of them), except Flux's
+  without PipeFusion, which the executor splits over the SP ranks like the image when they divide.
 - Ring: r-1 point-to-point hops of the local K/V per attention layer, each hidden behind the
   attention of the previous block only (plus the exact log-sum-exp merge, elementwise in fp32).
 - USP: Ulysses inside groups of u, ring across groups of r.
@@ -57,6 +58,9 @@ RING_TEXT_OPS = 4
 # passes of the fp32 running output: upcast the block's output 1.5, (out - block_out) 3,
 # sigmoid(lse diff) x (...) 2, out - (...) 3, and the final downcast 0.5.
 RING_MERGE_PASSES = 10.0
+# Families whose joint text the executor splits over the SP ranks (executor/sp, `_install_flux`) when
+# the text token count divides by sp and there is no PipeFusion; the others keep it whole per rank.
+TEXT_SPLIT_FAMILIES = ("flux",)
 
 
 @dataclass
@@ -180,9 +184,11 @@ class _BlockCost:
     tiers: dict[str, float]
 
 
-def _block_cost(st: _Setup, kind: str, image_tokens: int, text_tokens: int, skip_linear: bool) -> _BlockCost:
+def _block_cost(st: _Setup, kind: str, image_tokens: int, text_tokens: int, skip_linear: bool,
+                text_split: bool = False) -> _BlockCost:
     """One block for `image_tokens` local image tokens per sample (S/sp, or a PipeFusion patch's share)
-    and `text_tokens` local text tokens of joint attention (all of them, or a patch's share)."""
+    and `text_tokens` local text tokens of joint attention (all of them, a patch's share, or with
+    `text_split` this rank's T/sp, which then travel with the image tokens as one joint chunk)."""
     model, cluster, config = st.model, st.cluster, st.config
     u, r = config.ulysses, config.ring
     b = model.dtype_bytes
@@ -197,10 +203,13 @@ def _block_cost(st: _Setup, kind: str, image_tokens: int, text_tokens: int, skip
         attn = compute.attention_seconds(cluster.hardware, st.batch * model.num_heads * positions,
                                          st.frames_tokens, st.frames_tokens, model.head_dim)
         return _BlockCost(compute.block_seconds(cluster, model, work, attention=attn), 0.0, tiers)
-    # After Ulysses' all-to-all a rank holds S_local * u query tokens (its ring shard) for heads/u heads.
-    shard_queries = image_tokens * u
+    # After Ulysses' all-to-all a rank holds its ring shard of the queries for heads/u heads: the image
+    # tokens plus the whole text, or with a split text the joint chunk (text and image) of its group.
+    shard_rows = image_tokens + (text_rows if text_split else 0)  # what the all-to-all and ring hops carry
+    held_text = 0 if text_split else text_rows  # text queries held outside the split (sliced by heads)
+    text_keys = 0 if text_split else st.text  # the text keys every rank holds, attended once
     full_keys = st.tokens + st.text
-    queries = shard_queries + text_rows
+    queries = shard_rows * u + held_text
     work = BlockWork(kind, st.batch, image_tokens, text_rows, queries, full_keys, 1.0 / u, skip_linear)
     hw = cluster.hardware
     attention = None
@@ -208,24 +217,24 @@ def _block_cost(st: _Setup, kind: str, image_tokens: int, text_tokens: int, skip
     extra_ops = 0
     if r > 1:
         batch_heads = st.batch * model.num_heads / u
-        chunk = compute.attention_seconds(hw, batch_heads, queries, max(1, st.tokens // r), model.head_dim)
-        text_part = compute.attention_seconds(hw, batch_heads, queries, st.text, model.head_dim) if st.text else 0.0
+        chunk = compute.attention_seconds(hw, batch_heads, queries, max(1, (full_keys - text_keys) // r), model.head_dim)
+        text_part = compute.attention_seconds(hw, batch_heads, queries, text_keys, model.head_dim) if text_keys else 0.0
         out_bytes = st.batch * queries * (h / u) * 4  # the fp32 running output
         merge = compute.elementwise_seconds(hw, RING_MERGE_PASSES * out_bytes, out_bytes)
-        hop_bytes = 2.0 * st.batch * image_tokens * h * b  # K and V of the local shard for the local heads
+        hop_bytes = 2.0 * st.batch * shard_rows * h * b  # K and V of the local shard for the local heads
         hop, tier = cluster.comm_time("p2p", st.groups["ring"], hop_bytes)
         # Each hop runs while the previous block's attention and merge compute (async isend/irecv).
         exposed = (r - 1) * max(0.0, hop - (chunk + merge))
         attention = text_part + r * chunk + (r - 1) * merge
-        extra_ops += r * RING_OPS_PER_BLOCK + (RING_TEXT_OPS if text_rows else 0)
+        extra_ops += r * RING_OPS_PER_BLOCK + (RING_TEXT_OPS if held_text else 0)
         if exposed > 0:
             comm += exposed
             tiers[tier] = tiers.get(tier, 0.0) + exposed
     if u > 1:
-        slab = st.batch * image_tokens * h * b
+        slab = st.batch * shard_rows * h * b
         a2a, tier = cluster.comm_time("all_to_all", st.groups["ulysses"], slab)
         extra_gpu += compute.elementwise_seconds(hw, ULYSSES_LAYOUT_PASSES * slab, slab)
-        extra_ops += ULYSSES_OPS + (ULYSSES_TEXT_OPS if text_rows else 0)
+        extra_ops += ULYSSES_OPS + (ULYSSES_TEXT_OPS if held_text else 0)
         comm += 4 * a2a
         tiers[tier] = tiers.get(tier, 0.0) + 4 * a2a
     gpu, host = compute.block_gpu_host(cluster, model, work, attention, extra_gpu, extra_ops)
@@ -238,7 +247,8 @@ def _block_cost(st: _Setup, kind: str, image_tokens: int, text_tokens: int, skip
     return _BlockCost(busy, exposed, tiers)
 
 
-def _sequence_cost(st: _Setup, blocks: list[tuple[int, str]], image_tokens: int, text_tokens: int) -> _BlockCost:
+def _sequence_cost(st: _Setup, blocks: list[tuple[int, str]], image_tokens: int, text_tokens: int,
+                   text_split: bool = False) -> _BlockCost:
     """Sum of `_block_cost` over (block index, kind) pairs, computing each distinct block once."""
     counts: dict[tuple[str, bool], int] = {}
     half = st.model.num_blocks // 2
@@ -247,7 +257,7 @@ def _sequence_cost(st: _Setup, blocks: list[tuple[int, str]], image_tokens: int,
         counts[key] = counts.get(key, 0) + 1
     total = _BlockCost(0.0, 0.0, {})
     for (kind, skip), count in counts.items():
-        cost = _block_cost(st, kind, image_tokens, text_tokens, skip)
+        cost = _block_cost(st, kind, image_tokens, text_tokens, skip, text_split)
         total.compute += count * cost.compute
         total.comm += count * cost.comm
         for tier, seconds in cost.tiers.items():
@@ -455,7 +465,7 @@ def _memory(st: _Setup, stages: list | None) -> dict[str, float]:
     local = st.tokens // config.sp
     # Activations: the largest block input a rank holds (the full image in warmup steps or without
     # patches), ACTIVATION_SLABS + mlp_ratio slabs of it live at the peak of a block.
-    rows = st.batch * (local + st.text)
+    rows = st.batch * (local + (st.text // config.sp if _text_split(st) else st.text))
     activations = rows * h * b * (ACTIVATION_SLABS + model.mlp_ratio)
     if model.skip_connections:
         activations += (L // 2 - 1) * st.batch * local * h * b  # long-skip outputs held until the mirror block
@@ -483,9 +493,17 @@ def _encode_decode_seconds(st: _Setup) -> tuple[float, float]:
 
 # ------------------------------------------------------------------ public entry points
 
+def _text_split(st: _Setup) -> bool:
+    """Whether the executor splits the joint text over the SP ranks in this configuration."""
+    config = st.config
+    return (st.model.family in TEXT_SPLIT_FAMILIES and st.text > 0 and config.sp > 1 and st.text % config.sp == 0
+            and config.pipefusion == 1 and not config.uses_patches)
+
+
 def _non_pipeline(st: _Setup, trace: list | None) -> dict[str, Any]:
     blocks = list(enumerate(st.model.block_sequence))
-    cost = _sequence_cost(st, blocks, st.tokens // st.config.sp, st.text)
+    split = _text_split(st)
+    cost = _sequence_cost(st, blocks, st.tokens // st.config.sp, st.text // st.config.sp if split else st.text, split)
     host, extra_comm, extra_tiers = _step_extras(st)
     step_compute = cost.compute + host
     step_comm = cost.comm + extra_comm

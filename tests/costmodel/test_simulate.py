@@ -159,6 +159,32 @@ def test_hunyuan_skips_make_deep_pipelines_costly():
     assert 1.0 < overhead[2] < overhead[4] < overhead[8]
 
 
+def test_flux_text_splits_over_sp_ranks_only_where_the_executor_splits_it():
+    """Per-rank activation rows are image + text tokens: Flux's text divides over the SP ranks without
+    PipeFusion (T/sp), and stays whole where it does not divide, with PipeFusion, and for SD3."""
+    import dataclasses
+
+    flux, sd3 = load_model("flux-dev"), load_model("sd3-medium")
+    odd_flux = dataclasses.replace(flux, text_tokens=flux.text_tokens + 1)  # 513 divides by no SP degree
+    even_sd3 = dataclasses.replace(sd3, text_tokens=336)
+    image = flux.image_tokens(1024, 1024, 1)
+
+    def rows(model, config: str) -> float:
+        result = simulate(model, load_cluster("l40-pcie-8", gpus=4), config, height=1024, width=1024, steps=4)
+        return result.memory["activations_gib"]
+
+    per_row = rows(flux, "ulysses=4") / (image / 4 + flux.text_tokens / 4)
+    assert rows(odd_flux, "ulysses=4") == pytest.approx(per_row * (image / 4 + odd_flux.text_tokens))
+    assert rows(flux, "ulysses=2,pipefusion=2") == pytest.approx(per_row * (image / 2 + flux.text_tokens))
+    sd3_per_row = rows(sd3, "ring=4") / (image / 4 + sd3.text_tokens)
+    assert rows(even_sd3, "ring=4") == pytest.approx(sd3_per_row * (image / 4 + 336))
+    # Less text per rank is less work: the split Flux is faster than its one-token-longer twin.
+    for config in ("ulysses=4", "ring=4", "ulysses=2,ring=2"):
+        split = simulate(flux, load_cluster("l40-pcie-8", gpus=4), config, height=1024, width=1024, steps=4)
+        whole = simulate(odd_flux, load_cluster("l40-pcie-8", gpus=4), config, height=1024, width=1024, steps=4)
+        assert split.breakdown["compute_s"] < 0.97 * whole.breakdown["compute_s"], config
+
+
 def test_placement_changes_the_tier():
     cluster = load_cluster("l40-pcie-8", gpus=8)
     config = ParallelConfig.parse("ulysses=2,pipefusion=4")
