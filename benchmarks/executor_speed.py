@@ -2,8 +2,8 @@
 
 Models: tiny-pixart-alpha-heavy and tiny-flux-dev-heavy (profiles/models/: hidden 128, 4 blocks,
 1024x1024, so 4096 image tokens and compute-bound attention). Measured: the denoising loop's time
-per step (the fastest step after the first, best of --rounds rounds run one after the other, so
-that other load on the machine inflates the figures as little as possible), for
+per step, every step after the first of every round (rounds run one after the other): the fastest,
+which other load on the machine inflates least, and the median, which one lucky step cannot move, for
   * PixArt: one process, CFG 2, Ulysses 2, Ring 2 (our executor);
   * Flux: one process, our Ulysses 2, and diffusers' own context parallelism
     (`ContextParallelConfig(ulysses_degree=2)`, which ships a plan for Flux) on the same input.
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,30 +124,29 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"executor speed: {tokens} image tokens, {args.steps} steps, 1 thread per process, best of {args.rounds} "
           f"round(s); load average {load:.1f} on {os.cpu_count()} CPUs{' (busy: figures are inflated)' if load > 1.0 else ''}")
-    print("seconds per step (fastest after the first), speedup over one process, max |latents - one process|")
+    print("seconds per step after the first (fastest; median), speedup over one process, max |latents - one process|")
     scratch = tempfile.TemporaryDirectory(prefix="ditplan-speed-")
     folder = Path(scratch.name)
-    best: dict[str, float] = {}
+    steps_s: dict[str, list[float]] = {}
     latents: dict[str, object] = {}
     for round_index in range(args.rounds):
         for label, model, mode, processes in RUNS:
             out = folder / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}.json"
             launch(model, mode, processes, args.steps, args.size, out)
             step_s = json.loads(out.read_text())["step_s"]
-            fastest = min(step_s[1:] if len(step_s) > 1 else step_s)
-            best[label] = min(best.get(label, fastest), fastest)
+            steps_s.setdefault(label, []).extend(step_s[1:] if len(step_s) > 1 else step_s)
             latents[label] = torch.load(out.with_suffix(".pt"))
-    rows = []
+    fastest = {label: min(times) for label, times in steps_s.items()}
+    median = {label: statistics.median(times) for label, times in steps_s.items()}
     for label, model, mode, processes in RUNS:
         serial = f"{label.split()[0]} serial"
-        speedup = best[serial] / best[label]
         diff = float((latents[label] - latents[serial]).abs().max())
-        rows.append((label, best[label], speedup, diff))
-        print(f"  {label:32s} {best[label]:8.3f} s/step   x{speedup:5.2f}   max diff {diff:.2e}", flush=True)
-    ours = next(r for r in rows if r[0] == "flux ulysses=2 (ours)")
-    theirs = next(r for r in rows if r[0] == "flux ulysses=2 (diffusers CP)")
-    print(f"our Ulysses 2 vs diffusers' context parallelism on Flux: {theirs[1] / ours[1]:.2f}x "
-          f"({ours[1]:.3f} vs {theirs[1]:.3f} s/step)")
+        print(f"  {label:32s} {fastest[label]:8.3f} s/step   x{fastest[serial] / fastest[label]:5.2f}   "
+              f"median {median[label]:6.3f} s/step   x{median[serial] / median[label]:5.2f}   max diff {diff:.2e}", flush=True)
+    ours, theirs = "flux ulysses=2 (ours)", "flux ulysses=2 (diffusers CP)"
+    print(f"our Ulysses 2 vs diffusers' context parallelism on Flux: {fastest[theirs] / fastest[ours]:.2f}x by the fastest step "
+          f"({fastest[ours]:.3f} vs {fastest[theirs]:.3f} s/step), {median[theirs] / median[ours]:.2f}x by the median "
+          f"({median[ours]:.3f} vs {median[theirs]:.3f} s/step; {len(steps_s[ours])} steps each)")
     scratch.cleanup()
 
 
