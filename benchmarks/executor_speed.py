@@ -122,7 +122,7 @@ def main() -> None:
 
     tokens = (args.size // 16) ** 2
     load = os.getloadavg()[0]
-    print(f"executor speed: {tokens} image tokens, {args.steps} steps, 1 thread per process, best of {args.rounds} "
+    print(f"executor speed: {tokens} image tokens, {args.steps} steps, 1 thread per process, {args.rounds} "
           f"round(s); load average {load:.1f} on {os.cpu_count()} CPUs{' (busy: figures are inflated)' if load > 1.0 else ''}")
     print("seconds per step after the first (fastest; median), speedup over one process, max |latents - one process|")
     scratch = tempfile.TemporaryDirectory(prefix="ditplan-speed-")
