@@ -85,7 +85,10 @@ class StagedTransformer:
         raise NotImplementedError
 
     def layout(self, latents: torch.Tensor, kwargs: dict[str, Any], patches: int) -> PatchLayout:
-        raise NotImplementedError
+        """The token grid of `latents` (latent rows and columns last, square patches of the
+        transformer's `patch_size`, one frame of tokens); Flux and CogVideoX lay theirs out otherwise."""
+        p = self.config.patch_size
+        return PatchLayout(latents.shape[-2] // p, latents.shape[-1] // p, p, 1, patches)
 
     # -- computation -----------------------------------------------------------------------
     def condition(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]) -> Cond:
@@ -172,10 +175,6 @@ class PixArtStages(StagedTransformer):
     def stale_layers(self, units: range) -> list[tuple[nn.Module, TextPosition]]:
         return [(self.transformer.transformer_blocks[u].attn1, "none") for u in units]
 
-    def layout(self, latents: torch.Tensor, kwargs: dict[str, Any], patches: int) -> PatchLayout:
-        p = self.config.patch_size
-        return PatchLayout(latents.shape[-2] // p, latents.shape[-1] // p, p, 1, patches)
-
     def condition(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]) -> Cond:
         t = self.transformer
         batch = latents.shape[0]
@@ -227,10 +226,6 @@ class SD3Stages(StagedTransformer):
             if getattr(block, "use_dual_attention", False):
                 layers.append((block.attn2, "none"))
         return layers
-
-    def layout(self, latents: torch.Tensor, kwargs: dict[str, Any], patches: int) -> PatchLayout:
-        p = self.config.patch_size
-        return PatchLayout(latents.shape[-2] // p, latents.shape[-1] // p, p, 1, patches)
 
     def condition(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]) -> Cond:
         text = kwargs["encoder_hidden_states"]
@@ -342,10 +337,6 @@ class HunyuanStages(StagedTransformer):
 
     def stale_layers(self, units: range) -> list[tuple[nn.Module, TextPosition]]:
         return [(self.transformer.blocks[u].attn1, "none") for u in units]
-
-    def layout(self, latents: torch.Tensor, kwargs: dict[str, Any], patches: int) -> PatchLayout:
-        p = self.config.patch_size
-        return PatchLayout(latents.shape[-2] // p, latents.shape[-1] // p, p, 1, patches)
 
     def condition(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]) -> Cond:
         t = self.transformer
@@ -465,10 +456,6 @@ class LatteStages(StagedTransformer):
 
     def carry_batch(self, cond: Cond, batch: int) -> int:
         return batch * cond["frames"]  # spatial blocks see every frame as a batch entry
-
-    def layout(self, latents: torch.Tensor, kwargs: dict[str, Any], patches: int) -> PatchLayout:
-        p = self.config.patch_size
-        return PatchLayout(latents.shape[-2] // p, latents.shape[-1] // p, p, 1, patches)
 
     def condition(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]) -> Cond:
         t = self.transformer

@@ -100,6 +100,13 @@ def _project(attn: torch.nn.Module, states: torch.Tensor, text: bool = False) ->
     return query, key, value
 
 
+def _split_leading_text(
+    tensors: tuple[torch.Tensor, ...], text_tokens: int
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """[B, H, text + image, D] tensors whose first `text_tokens` tokens are text -> (image parts, text parts)."""
+    return tuple(t[:, :, text_tokens:] for t in tensors), tuple(t[:, :, :text_tokens] for t in tensors)
+
+
 def _refuse_mask(attention_mask: torch.Tensor | None, layer: str) -> None:
     # None of the six families masks its image self-attention; a mask here would be a new use that
     # the split sequence cannot honour silently.
@@ -195,10 +202,7 @@ class CogVideoXAttentionProcessor(_SequenceParallelProcessor):
         _refuse_mask(attention_mask, "a CogVideoX attention layer")
         text_tokens = encoder_hidden_states.shape[1]
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query, key, value = _project(attn, joint)
-        text_query, query = query[:, :, :text_tokens], query[:, :, text_tokens:]
-        text_key, key = key[:, :, :text_tokens], key[:, :, text_tokens:]
-        text_value, value = value[:, :, :text_tokens], value[:, :, text_tokens:]
+        (query, key, value), (text_query, text_key, text_value) = _split_leading_text(_project(attn, joint), text_tokens)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
@@ -261,10 +265,8 @@ class FluxAttentionProcessor(_SequenceParallelProcessor):
             joint, _ = self._attend(query, key, value)
             text_out, out = joint[:, :, :text_tokens], joint[:, :, text_tokens:]
         else:
-            out, text_out = self._attend(
-                query[:, :, text_tokens:], key[:, :, text_tokens:], value[:, :, text_tokens:],
-                query[:, :, :text_tokens], key[:, :, :text_tokens], value[:, :, :text_tokens],
-            )
+            image, text = _split_leading_text((query, key, value), text_tokens)
+            out, text_out = self._attend(*image, *text)
         out, text_out = _tokens_first(out).to(query.dtype), _tokens_first(text_out).to(query.dtype)
         if double_stream:
             out = attn.to_out[1](attn.to_out[0](out.contiguous()))
