@@ -39,6 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("gloo", "nccl"),
                         help="torch.distributed backend (default: nccl with CUDA, else gloo)")
     parser.add_argument("--print-layout", action="store_true", help="print the rank layout (groups per axis) before running")
+    add_multinode_arguments(parser)
+
+
+def add_multinode_arguments(parser: argparse.ArgumentParser) -> None:
+    """torchrun's multi-node settings: run `ditplan run` once per node with the same flags and its own
+    --node-rank. Global rank = node rank x (nproc / nnodes) + local rank, which the plan's rank map
+    (innermost axes on consecutive ranks) turns into the planner's placement."""
+    group = parser.add_argument_group("multi-node (torchrun's settings; run the same command on every node)")
+    group.add_argument("--nnodes", type=int, default=1, metavar="K",
+                       help="nodes in the job (default 1); --nproc counts the processes of all nodes together")
+    group.add_argument("--node-rank", type=int, default=0, metavar="I", help="this node's rank, 0..K-1 (default 0)")
+    group.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                       help="address of node 0 and a free port on it, reachable from every node (needed with --nnodes > 1)")
+    group.add_argument("--rdzv-id", default="ditplan", metavar="ID",
+                       help="job id, the same on every node (default: ditplan)")
 
 
 def run_passthrough(argv: list[str]) -> int:
