@@ -134,19 +134,12 @@ def worker_argv(args: argparse.Namespace, plan: str) -> list[str]:
 
 def check_nodes(args: argparse.Namespace) -> None:
     """Refuse multi-node settings that torchrun would reject late or that would mis-place ranks."""
-    if args.nnodes < 1:
-        raise DitplanError(f"--nnodes {args.nnodes}: at least one node is needed.")
-    if not 0 <= args.node_rank < args.nnodes:
-        raise DitplanError(f"--node-rank {args.node_rank}: must be between 0 and --nnodes - 1 = {args.nnodes - 1}.")
-    if args.nnodes == 1:
-        return
+    from planner.commands.run import check_nodes as check_node_flags
+
+    check_node_flags(args.nnodes, args.node_rank, args.rdzv_endpoint)
     if args.nproc % args.nnodes:
         raise DitplanError(f"--nproc {args.nproc} over --nnodes {args.nnodes}: every node runs the same number of "
                            "processes, so --nproc must be a multiple of --nnodes.")
-    host, _, port = (args.rdzv_endpoint or "").rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DitplanError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: --nnodes {args.nnodes} needs HOST:PORT, node 0's "
-                           "address as every node reaches it and a free port there (e.g. 10.0.0.1:29500).")
 
 
 def rendezvous_args(args: argparse.Namespace) -> list[str]:

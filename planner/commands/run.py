@@ -56,6 +56,22 @@ def add_multinode_arguments(parser: argparse.ArgumentParser) -> None:
                        help="job id, the same on every node (default: ditplan)")
 
 
+def check_nodes(nnodes: int, node_rank: int, endpoint: str | None) -> None:
+    """Refuse node settings that torchrun (or the profiler's link measurement) would reject late."""
+    from costmodel.errors import DitplanError
+
+    if nnodes < 1:
+        raise DitplanError(f"--nnodes {nnodes}: at least one node is needed.")
+    if not 0 <= node_rank < nnodes:
+        raise DitplanError(f"--node-rank {node_rank}: must be between 0 and --nnodes - 1 = {nnodes - 1}.")
+    if nnodes == 1:
+        return
+    host, _, port = (endpoint or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DitplanError(f"--rdzv-endpoint {endpoint!r}: --nnodes {nnodes} needs HOST:PORT, node 0's address as "
+                           "every node reaches it and a free port there (e.g. 10.0.0.1:29500).")
+
+
 def run_passthrough(argv: list[str]) -> int:
     """Run `python -m executor ARGV` and return its exit status."""
     try:

@@ -114,10 +114,11 @@ class TwoNodeNetwork:
                 _ip("-n", node.namespace, "link", "set", node.interface, "up")
                 _ip("-n", node.namespace, "link", "set", "lo", "up")
                 if self.rate:
-                    # A token bucket per direction: `burst` one jiffy's worth at the rate or more (tc's
-                    # rule for tbf), queue up to 50 ms before dropping.
+                    # A token bucket per direction. A small burst (32 KiB) keeps messages of a few
+                    # hundred KiB from passing above the rate; a short queue (5 ms) keeps TCP's
+                    # acknowledgements from waiting behind seconds of data.
                     _ip("netns", "exec", node.namespace, "tc", "qdisc", "add", "dev", node.interface, "root",
-                        "tbf", "rate", self.rate, "burst", "256kb", "latency", "50ms")
+                        "tbf", "rate", self.rate, "burst", "32kb", "latency", "5ms")
         except BaseException:
             self.close()
             raise
