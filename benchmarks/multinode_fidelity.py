@@ -177,6 +177,11 @@ def report(rows_by_rate: dict[str, list[Row]], links: dict[str, str], command: s
                   f"fastest predicted         {fastest(rows, 'predicted_s')}   ({'same' if same else 'DIFFERENT'})",
                   f"one-image split, measured {fastest(rows, 'measured_s', True)}",
                   f"one-image split, predicted {fastest(rows, 'predicted_s', True)}"]
+    loads = [r.load for rows in rows_by_rate.values() for r in rows]
+    if statistics.mean(loads) > (os.cpu_count() or 1):
+        lines += ["", f"note: the load average during the runs (mean {statistics.mean(loads):.1f}) exceeded this machine's "
+                      f"{os.cpu_count()} CPUs: other processes shared the cores, so the measured times are inflated "
+                      "against a profile of best rates; rerun on a quiet machine before judging the errors"]
     if len(rows_by_rate) > 1:
         lines += ["", "crossover (fastest method splitting one image, SP vs PipeFusion): " + "; ".join(
             f"{rate}: measured {fastest(rows, 'measured_s', True).split(',')[0]}, predicted "

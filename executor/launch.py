@@ -21,6 +21,7 @@ from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
 
 PROG = "ditplan run"
+STANDALONE = ["--standalone", "--nnodes", "1"]  # torchrun's rendezvous for one node
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +148,7 @@ def rendezvous_args(args: argparse.Namespace) -> list[str]:
     ranks order the global ranks (node I holds ranks I x nproc/nnodes onwards), as the plan's
     placement assumes."""
     if args.nnodes == 1:
-        return ["--standalone", "--nnodes", "1"]
+        return list(STANDALONE)
     return ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank), "--rdzv-backend", "static",
             "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
 
@@ -162,7 +163,7 @@ def launch(argv: list[str], nproc: int, rendezvous: list[str] | None = None) -> 
     # failing rank already printed.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     torchrun_args = get_args_parser().parse_args(
-        [*(rendezvous or ["--standalone", "--nnodes", "1"]), "--nproc-per-node", str(nproc), "--max-restarts", "0",
+        [*(rendezvous or STANDALONE), "--nproc-per-node", str(nproc), "--max-restarts", "0",
          "--monitor-interval", "0.2", "-m", "executor.worker", *argv]
     )
     try:
