@@ -103,7 +103,8 @@ def _workers_by_rank(network) -> dict[int, int]:
 @pytest.mark.timeout(600)
 def test_four_processes_two_per_node_run_the_planners_placement(two_nodes, tmp_path):
     cluster = _two_by_two_cluster(tmp_path / "two-by-two.yaml")
-    common = ["--model", "tiny-pixart-alpha", "--steps", "4", "--height", "512", "--width", "512", "--seed", "11",
+    steps = 4
+    common = ["--model", "tiny-pixart-alpha", "--steps", str(steps), "--height", "512", "--width", "512", "--seed", "11",
               "--prompt", "a red fox in snow"]
     rendezvous = endpoint(two_nodes)
     out = tmp_path / "auto4"
@@ -127,7 +128,7 @@ def test_four_processes_two_per_node_run_the_planners_placement(two_nodes, tmp_p
     assert inside and across and not set(inside) & set(across), (inside, across)
     config = dict(part.split("=") for part in record["config"].split(","))
     reference_plan = (f"pipefusion=1,patches={config['patches']},warmup={config['warmup']}"
-                      if int(config["pipefusion"]) > 1 and int(config["warmup"]) < 4 else "cfg=1")
+                      if int(config["pipefusion"]) > 1 and int(config["warmup"]) < steps else "cfg=1")
     reference = subprocess.run([sys.executable, "-m", "planner", "run", *common, "--plan", reference_plan, "--nproc", "1",
                                 "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True, timeout=240,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
