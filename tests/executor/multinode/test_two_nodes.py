@@ -182,6 +182,7 @@ def test_a_rank_killed_on_one_node_ends_the_job_on_every_node(two_nodes, tmp_pat
     assert killed_at, "the worker to kill was never found running:\n" + "".join(log)[-3000:] + other[-2000:]
     for index, process in enumerate(processes):
         assert index in ended_at, f"node {index} still running 240 s after the kill"
+        print(f"node {index} ended {ended_at[index] - killed_at[0]:.1f} s after the kill, status {process.returncode}")
         assert process.returncode not in (0, None), f"node {index} exited with {process.returncode}"
         assert ended_at[index] - killed_at[0] <= KILL_BOUND_S, f"node {index} ended {ended_at[index] - killed_at[0]:.0f} s after the kill"
     assert not out.exists(), "a failed run must not leave an output folder"
