@@ -4,7 +4,9 @@ Everything that can be refused is refused here, once, before any process starts 
 whose GPU count is not --nproc, a plan the model's profile rules out, an output folder that holds
 something else). The workers (executor.worker) check again against the loaded transformer, on
 every rank, before any collective. One process runs in this process; more run under
-torch.distributed.run (--standalone), which stops every rank as soon as one fails.
+torch.distributed.run (--standalone on one node; with --nnodes, torchrun's static rendezvous at
+--rdzv-endpoint, so --node-rank fixes which global ranks live on which node), which stops every
+rank as soon as one fails.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
 
 PROG = "ditplan run"
+STANDALONE = ["--standalone", "--nnodes", "1"]  # torchrun's rendezvous for one node
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +85,7 @@ def preflight(args: argparse.Namespace) -> tuple[ParallelConfig, Placement, str]
     """Refuse what cannot run, before starting anything; returns what the workers get as --plan."""
     if args.nproc < 1:
         raise DitplanError(f"--nproc {args.nproc}: at least one process is needed.")
+    check_nodes(args)
     for flag in ("height", "width", "frames", "steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -129,8 +133,29 @@ def worker_argv(args: argparse.Namespace, plan: str) -> list[str]:
     return argv
 
 
-def launch(argv: list[str], nproc: int) -> int:
-    """Run `python -m executor.worker ARGV` on `nproc` local ranks under torch.distributed.run."""
+def check_nodes(args: argparse.Namespace) -> None:
+    """Refuse multi-node settings that torchrun would reject late or that would mis-place ranks."""
+    from planner.commands.run import check_nodes as check_node_flags
+
+    check_node_flags(args.nnodes, args.node_rank, args.rdzv_endpoint)
+    if args.nproc % args.nnodes:
+        raise DitplanError(f"--nproc {args.nproc} over --nnodes {args.nnodes}: every node runs the same number of "
+                           "processes, so --nproc must be a multiple of --nnodes.")
+
+
+def rendezvous_args(args: argparse.Namespace) -> list[str]:
+    """torchrun's rendezvous flags: one node standalone; several by static rendezvous, where the node
+    ranks order the global ranks (node I holds ranks I x nproc/nnodes onwards), as the plan's
+    placement assumes."""
+    if args.nnodes == 1:
+        return list(STANDALONE)
+    return ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank), "--rdzv-backend", "static",
+            "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
+
+
+def launch(argv: list[str], nproc: int, rendezvous: list[str] | None = None) -> int:
+    """Run `python -m executor.worker ARGV` on `nproc` local ranks under torch.distributed.run
+    (`rendezvous`: torchrun's node flags, default one standalone node)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -138,7 +163,7 @@ def launch(argv: list[str], nproc: int) -> int:
     # failing rank already printed.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     torchrun_args = get_args_parser().parse_args(
-        ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+        [*(rendezvous or STANDALONE), "--nproc-per-node", str(nproc), "--max-restarts", "0",
          "--monitor-interval", "0.2", "-m", "executor.worker", *argv]
     )
     try:
@@ -165,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return worker_main(worker_argv(args, plan))
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        return launch(worker_argv(args, plan), args.nproc)
+        return launch(worker_argv(args, plan), args.nproc // args.nnodes, rendezvous_args(args))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

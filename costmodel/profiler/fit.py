@@ -50,6 +50,18 @@ def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> L
     return LinearFit(float(latency), float(1.0 / per_byte / 1e9), residual)
 
 
+def fit_latency_and_bulk(sizes: Sequence[float], seconds: Sequence[float], bulk_bytes: float = 2**20) -> LinearFit:
+    """Latency from the smallest message, bandwidth from the bulk ones (>= `bulk_bytes`, median
+    seconds per byte). For a shaped or shared link, where mid-size messages ride the token bucket's
+    burst and a relative fit over all sizes would trade the bulk rate for them."""
+    pairs = sorted(zip(map(float, sizes), map(float, seconds)))
+    bulk = [t / n for n, t in pairs if n >= bulk_bytes] or [pairs[-1][1] / pairs[-1][0]]
+    per_byte = sorted(bulk)[len(bulk) // 2]
+    latency = max(0.0, pairs[0][1] - pairs[0][0] * per_byte)
+    residual = math.sqrt(sum(((latency + per_byte * n) / t - 1.0) ** 2 for n, t in pairs) / len(pairs))
+    return LinearFit(latency, 1.0 / per_byte / 1e9, residual)
+
+
 def binned_table(samples: Iterable[tuple[float, float]], factor: float = 4.0) -> list[list[float]]:
     """[size, seconds] points, one per size bin of width `factor`: the geometric means of the sizes
     and of the rates (size / second) of the samples in the bin. Different shapes of similar size

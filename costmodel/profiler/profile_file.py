@@ -26,8 +26,16 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
                   gemm: list[list[float]], attention: dict[int, list[list[float]]], elementwise: list[list[float]],
                   activation: list[list[float]],
                   communication: dict[tuple[str, int], list[list[float]]], fits: dict[tuple[str, int], LinearFit],
-                  backend: str) -> dict[str, Any]:
-    """The profile as a mapping, ready for YAML. Tables are [size, seconds] points."""
+                  backend: str, nodes: int = 1, network_fits: dict[str, LinearFit] | None = None,
+                  gpus_per_node: int | None = None) -> dict[str, Any]:
+    """The profile as a mapping, ready for YAML. Tables are [size, seconds] points.
+
+    With `nodes` > 1, `network_fits` ({pattern: fit} measured between the nodes, one process each)
+    become the `network` tier, and the per-rank-count communication tables are left out: the cost
+    model applies such a table to every group of that size, also to groups that cross the network,
+    so the tiers (pcie inside a node, network between nodes) price every route instead.
+    `gpus_per_node` (default: the largest process count measured) is how many processes each node
+    will run."""
     gemm_peak = max(size / seconds for size, seconds in gemm)
     attention_peak = max(size / seconds for points in attention.values() for size, seconds in points)
     # The streaming rate of passes that stay in the cache hierarchy up to DRAM (1-16 MiB); bigger
@@ -65,7 +73,7 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
         "sm_count": 1,
         "l2_cache_mb": _round(l2_cache_mb),
     }
-    return {
+    profile = {
         "id": profile_id,
         "description": (f"this machine ({machine.get('accelerator') or machine['cpu']}, {machine['cpus']} CPUs) as "
                         f"`ditplan profile` measured it on {taken}: each GPU is one process"
@@ -89,7 +97,7 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
         "node": {
             "sockets": 1,
             "switches_per_socket": 1,
-            "gpus_per_switch": max(ranks),
+            "gpus_per_switch": gpus_per_node or max(ranks),
             "p2p": True,
             "collective_launch_us": 0,
             "host_op_us": _round(host_op_us),
@@ -105,6 +113,45 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
             },
         },
     }
+    if nodes > 1:
+        profile = _with_network(profile, nodes, network_fits or {}, hop_latency_us, backend)
+    return profile
+
+
+def network_link(fits: dict[str, LinearFit], pcie_latency_us: float, backend: str) -> dict[str, Any]:
+    """The `network` tier from fits between nodes (one process per node, so per NIC and direction).
+
+    The cost model prices a cross-node message over gpu-switch-NIC (2 pcie hops), NIC-network-NIC
+    (2 network hops) and NIC-switch-gpu (2 pcie hops), and a 2-rank all-to-all as half of each
+    rank's bytes crossing; the figures are solved from the fits under those same rules.
+    """
+    p2p = fits["p2p"]
+    bandwidth = p2p.bandwidth_gbs
+    alltoall = fits.get("all_to_all")
+    alltoall_fraction = min(1.0, 0.5 * alltoall.bandwidth_gbs / bandwidth) if alltoall else 1.0
+    latency_us = max(0.0, (p2p.latency_s * 1e6 - 4 * pcie_latency_us) / 2)
+    return {
+        "bandwidth_gbs": _round(bandwidth),
+        "efficiency": 1.0,
+        "alltoall_efficiency": _round(alltoall_fraction),
+        "latency_us": _round(latency_us),
+        "source": f"{backend} between nodes, one process each, fitted by ditplan profile: point-to-point "
+                  f"{p2p.describe()}" + (f"; all-to-all {alltoall.describe()}" if alltoall else ""),
+    }
+
+
+def _with_network(profile: dict[str, Any], nodes: int, fits: dict[str, LinearFit], pcie_latency_us: float,
+                  backend: str) -> dict[str, Any]:
+    """`profile` as `nodes` nodes of this machine joined by the measured link."""
+    measured = {key: value for key, value in profile["measured"].items() if key != "communication"}
+    head = {key: value for key, value in profile.items() if key not in ("measured", "hardware", "node")}
+    head["description"] = profile["description"].replace("this machine", f"{nodes} nodes like this machine", 1) + \
+        "; nodes joined by the measured link (network tier)"
+    node = {**{key: value for key, value in profile["node"].items() if key != "links"}, "nics": 1,
+            "links": profile["node"]["links"]}
+    # Required fields close the file (see build_profile), so a cut file fails to load.
+    return {**head, "nodes": nodes, "measured": measured, "hardware": profile["hardware"], "node": node,
+            "network": network_link(fits, pcie_latency_us, backend)}
 
 
 class _ProfileDumper(yaml.SafeDumper):

@@ -22,7 +22,7 @@ PIXART_BLOCK_OPERATORS = 30
 
 @dataclass
 class ProfileReport:
-    path: Path
+    path: Path | None  # None on the nodes other than node 0 of a multi-node profile
     lines: list[str] = field(default_factory=list)
 
 
@@ -79,11 +79,14 @@ def _progress(total: int, enabled: bool):
 
 
 def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = None, progress: bool = True,
-                    check: Callable[[Path], object] | None = None) -> ProfileReport:
+                    check: Callable[[Path], object] | None = None, nodes: int = 1,
+                    network_fits: dict[str, fit.LinearFit] | None = None, gpus_per_node: int | None = None) -> ProfileReport:
     """Measure this machine and write its profile to `out`; returns the path and a summary.
 
     `check(temp_path)` validates the written file before it replaces `out` (the CLI loads it with
-    costmodel.load_cluster). An interrupt (Ctrl-C, SIGTERM) leaves `out` as it was.
+    costmodel.load_cluster). An interrupt (Ctrl-C, SIGTERM) leaves `out` as it was. With `nodes` > 1
+    the profile is that many such machines joined by the link `network_fits` describes
+    (profile_nodes measures it), each running `gpus_per_node` processes (default: the most measured).
     """
     import torch
 
@@ -144,7 +147,7 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
             host_op_us=host_op_s * 1e6, gemm=gemm_points, attention=attention_points, elementwise=elementwise_points,
             activation=activation_points,
             communication={key: fit.monotone_points(samples) for key, samples in communication.items()},
-            fits=fits, backend=backend,
+            fits=fits, backend=backend, nodes=nodes, network_fits=network_fits, gpus_per_node=gpus_per_node,
         )
         path = write_atomically(out, profile, check=check)
     lines = [
@@ -161,3 +164,27 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
         lines.append(f"note: {', '.join(map(str, crowded))} processes outnumber this machine's {os.cpu_count()} cores; "
                      "their communication tables include the time-sharing, but the compute figures assume a core each")
     return ProfileReport(path=path, lines=lines)
+
+
+def profile_nodes(out: str | Path, nnodes: int, node_rank: int, endpoint: str,
+                  process_counts: tuple[int, ...] | None = None, progress: bool = True,
+                  check: Callable[[Path], object] | None = None, gpus_per_node: int | None = None) -> ProfileReport:
+    """`ditplan profile` on node `node_rank` of `nnodes`: every node measures the link between the
+    nodes (one process each, at `endpoint`, node 0's address); node 0 then measures itself and writes
+    the `nnodes`-node profile to `out`, the others write nothing."""
+    from costmodel.profiler import link_bench
+
+    bar = _progress(comm_bench.ROUNDS * len(comm_bench.PATTERNS) * len(comm_bench.SIZES), progress)
+    bar.set_description(f"link between {nnodes} nodes (gloo)")
+    with sigterm_as_interrupt():
+        try:
+            samples = link_bench.measure(node_rank, nnodes, endpoint, tick=bar.update)
+        finally:
+            bar.close()
+    fits = {pattern: fit.fit_latency_and_bulk(*zip(*fit.monotone_points(points))) for pattern, points in samples.items()}
+    lines = [f"{pattern} between nodes: {result.describe()}" for pattern, result in fits.items()]
+    if node_rank != 0:
+        return ProfileReport(path=None, lines=lines + [f"node {node_rank}: link measured; node 0 writes the profile"])
+    report = profile_machine(out, process_counts, progress=progress, check=check, nodes=nnodes, network_fits=fits,
+                             gpus_per_node=gpus_per_node)
+    return ProfileReport(path=report.path, lines=lines + report.lines)

@@ -39,6 +39,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("gloo", "nccl"),
                         help="torch.distributed backend (default: nccl with CUDA, else gloo)")
     parser.add_argument("--print-layout", action="store_true", help="print the rank layout (groups per axis) before running")
+    add_multinode_arguments(parser)
+
+
+def add_multinode_arguments(parser: argparse.ArgumentParser) -> None:
+    """torchrun's multi-node settings: run `ditplan run` once per node with the same flags and its own
+    --node-rank. Global rank = node rank x (nproc / nnodes) + local rank, which the plan's rank map
+    (innermost axes on consecutive ranks) turns into the planner's placement."""
+    group = parser.add_argument_group("multi-node (torchrun's settings; run the same command on every node)")
+    group.add_argument("--nnodes", type=int, default=1, metavar="K",
+                       help="nodes in the job (default 1); --nproc counts the processes of all nodes together")
+    group.add_argument("--node-rank", type=int, default=0, metavar="I", help="this node's rank, 0..K-1 (default 0)")
+    group.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                       help="address of node 0 and a free port on it, reachable from every node (needed with --nnodes > 1)")
+    group.add_argument("--rdzv-id", default="ditplan", metavar="ID",
+                       help="job id, the same on every node (default: ditplan)")
+
+
+def check_nodes(nnodes: int, node_rank: int, endpoint: str | None) -> None:
+    """Refuse node settings that torchrun (or the profiler's link measurement) would reject late."""
+    from costmodel.errors import DitplanError
+
+    if nnodes < 1:
+        raise DitplanError(f"--nnodes {nnodes}: at least one node is needed.")
+    if not 0 <= node_rank < nnodes:
+        raise DitplanError(f"--node-rank {node_rank}: must be between 0 and --nnodes - 1 = {nnodes - 1}.")
+    if nnodes == 1:
+        return
+    host, _, port = (endpoint or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DitplanError(f"--rdzv-endpoint {endpoint!r}: --nnodes {nnodes} needs HOST:PORT, node 0's address as "
+                           "every node reaches it and a free port there (e.g. 10.0.0.1:29500).")
 
 
 def run_passthrough(argv: list[str]) -> int:
