@@ -176,7 +176,7 @@ def write_atomically(path: str | os.PathLike, text: str, flag: str) -> Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
-        os.chmod(temp, _mode_for(target))
+        os.chmod(temp, replacement_mode(target))
         os.replace(temp, target)
     except OSError as error:
         raise DitplanError(f"{flag} {path}: cannot write there ({error.strerror}).") from None
@@ -185,7 +185,7 @@ def write_atomically(path: str | os.PathLike, text: str, flag: str) -> Path:
     return target
 
 
-def _mode_for(target: Path) -> int:
+def replacement_mode(target: Path) -> int:
     """The replaced file's mode, or an ordinary file's (mkstemp makes a private one)."""
     try:
         return target.stat().st_mode & 0o7777

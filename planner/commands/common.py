@@ -42,6 +42,9 @@ def add_format_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
 
 
+LARGEST_SIZE = 1_000_000  # pixels per side, frames or steps: far beyond any model, still finite to cost
+
+
 @dataclass(frozen=True)
 class Generation:
     """The model and generation size, with the model's defaults filled in."""
@@ -68,8 +71,8 @@ def resolve_generation(model: str, height: int | None = None, width: int | None 
         "steps": spec.default_steps if steps is None else steps,
     }
     for name, value in values.items():
-        if value < 1:
-            raise DitplanError(f"--{name} {value}: it must be a positive integer.")
+        if value < 1 or value > LARGEST_SIZE:
+            raise DitplanError(f"--{name} {value}: it must be a positive integer up to {LARGEST_SIZE}.")
     return Generation(spec, **values)
 
 
@@ -89,10 +92,23 @@ def parse_placement(config, text: str | None):
     return Placement(config) if not text else Placement.parse(config, text)
 
 
-def load_cluster_for(cluster: str, gpus: int | None, nodes: int | None):
+def cluster_for_config(cluster: str, config, gpus: int | None, nodes: int | None):
+    """The cluster's first `gpus` GPUs (default: the configuration's product). A configuration larger
+    than the cluster is blamed on itself, not on a --gpus the user did not give."""
     from costmodel import load_cluster
 
+    if gpus is None:
+        whole = load_cluster(cluster, nodes=nodes)
+        if config.world_size > whole.gpus:
+            raise DitplanError(f"configuration {config} needs {config.world_size} GPUs but cluster {cluster} has "
+                               f"{whole.gpus}; lower its degrees.")
+        gpus = config.world_size
     return load_cluster(cluster, gpus=gpus, nodes=nodes)
+
+
+def percent(fraction: float) -> str:
+    """A share as a percentage with one decimal (three would claim a precision the model lacks)."""
+    return f"{100.0 * fraction:.1f}"
 
 
 # ------------------------------------------------------------------ output
@@ -109,7 +125,7 @@ def clean_json(value: Any) -> Any:
 
 
 def print_json(value: Any, stream=None) -> None:
-    json.dump(clean_json(value), stream or sys.stdout, indent=2)
+    json.dump(clean_json(value), stream or sys.stdout, indent=2, allow_nan=False)
     (stream or sys.stdout).write("\n")
 
 

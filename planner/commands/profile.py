@@ -6,9 +6,7 @@ The measuring code (costmodel.profiler, which imports torch) is imported only wh
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-HELP = "measure this machine and write a cluster profile"
 DEFAULT_OUT = "this-machine.yaml"
 
 
@@ -26,12 +24,11 @@ def run(args: argparse.Namespace) -> int:
     from costmodel.topology import load_cluster
     from costmodel.profiler.run import parse_process_counts, profile_machine
 
-    counts = parse_process_counts(args.nproc) if args.nproc else None
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        from costmodel.errors import DitplanError
+    from costmodel.files import check_output
 
-        raise DitplanError(f"--out {out}: it is a folder; give the path of the profile file to write (e.g. {out / DEFAULT_OUT}).")
+    counts = parse_process_counts(args.nproc) if args.nproc else None
+    # Checked before the measurement (minutes), and again when the file is written.
+    out = check_output(args.out, "--out")
     # The cost model's own strict loader checks the file before it replaces --out.
     report = profile_machine(out, counts, progress=not args.no_progress, check=lambda temp: load_cluster(str(temp)))
     if args.format == "json":
