@@ -101,7 +101,7 @@ def cluster_for_config(cluster: str, config, gpus: int | None, nodes: int | None
         whole = load_cluster(cluster, nodes=nodes)
         if config.world_size > whole.gpus:
             raise DitplanError(f"configuration {config} needs {config.world_size} GPUs but cluster {cluster} has "
-                               f"{whole.gpus}; lower its degrees.")
+                               f"{whole.gpus} GPUs; lower its degrees.")
         gpus = config.world_size
     return load_cluster(cluster, gpus=gpus, nodes=nodes)
 

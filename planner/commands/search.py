@@ -111,9 +111,9 @@ def _check_destinations(args: argparse.Namespace) -> None:
     if args.out:
         check_output(args.out, "--out")
     if args.plot:
+        check_output(args.plot, "--plot")
         if Path(args.plot).suffix.lower() not in PLOT_FORMATS:
             raise DitplanError(f"--plot {args.plot}: the file name must end in {', '.join(PLOT_FORMATS)}.")
-        check_output(args.plot, "--plot")
 
 
 def _check_gpu_counts(args: argparse.Namespace) -> None:
