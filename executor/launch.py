@@ -200,16 +200,22 @@ def torchrun_arguments(nproc: int) -> list[str]:
 
 
 def _failure_line(failures: dict[int, Any]) -> tuple[str | None, int]:
-    """The launcher's line for a failed job, and its exit status. A rank ended by a signal is named
-    with it (its own process could not say); 2 is a refusal, printed by rank 0 already."""
-    ordered = sorted(failures.items(), key=lambda item: item[1].timestamp)
-    for rank, failure in ordered:
-        if failure.exitcode < 0:
-            return f"{PROG}: rank {rank} was killed by {failure.signal_name()}; the other ranks were stopped", 1
-        if failure.exitcode - 128 in (int(s) for s in STOP_SIGNALS):
-            name = signal.Signals(failure.exitcode - 128).name
-            return f"{PROG}: rank {rank} was stopped by {name}; the other ranks were stopped", 1
-    return None, 2 if ordered[0][1].exitcode == 2 else 1
+    """The launcher's line for a failed job (None where the failing rank printed its own), and the
+    exit status. When one rank ends, the agent stops the others with SIGTERM, so their failures are
+    collateral; a rank ended by another signal (the out-of-memory killer's SIGKILL) could not say
+    so itself and is named here."""
+    codes = {rank: failure.exitcode for rank, failure in sorted(failures.items())}
+    if 2 in codes.values():
+        return None, 2  # a refusal, printed by rank 0
+    collateral = {-int(signum) for signum in STOP_SIGNALS} | {128 + int(signum) for signum in STOP_SIGNALS}
+    for rank, code in codes.items():
+        if code < 0 and code not in collateral:
+            return f"{PROG}: rank {rank} was killed by {signal.Signals(-code).name}; the other ranks were stopped", 1
+    if any(code not in collateral for code in codes.values()):
+        return None, 1  # the failing rank printed its error
+    rank, code = next(iter(codes.items()))
+    name = signal.Signals(-code if code < 0 else code - 128).name
+    return f"{PROG}: rank {rank} was stopped by {name}; the other ranks were stopped", 1
 
 
 def launch(argv: list[str], nproc: int) -> int:

@@ -94,3 +94,35 @@ def test_a_signal_ends_every_worker_and_writes_nothing(tmp_path, signum, group):
     assert signal.Signals(signum).name in lines[0] and "Traceback" not in stderr
     assert not out.exists()
     assert not [path for path in tmp_path.iterdir() if path.name != "out"], "a temporary folder was left behind"
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_rank_is_named_with_its_signal(tmp_path):
+    out = tmp_path / "out"
+    process, lines = _start_long_run(out)
+    try:
+        workers = _wait_until_generating(process, lines)
+        victim = next(worker for worker in workers if worker.environ().get("RANK") == "1")
+        victim.send_signal(signal.SIGKILL)  # what the kernel's out-of-memory killer does
+        status = process.wait(timeout=60)
+        stderr = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert status == 1
+    assert "rank 1 was killed by SIGKILL" in stderr and "Traceback" not in stderr, stderr
+    assert not out.exists()
+
+
+def test_the_failure_line_names_the_rank_a_signal_killed_and_not_the_collateral_ones():
+    from types import SimpleNamespace
+
+    from executor.launch import _failure_line
+
+    def failures(**codes):
+        return {int(rank[1:]): SimpleNamespace(exitcode=code) for rank, code in codes.items()}
+
+    assert _failure_line(failures(r0=143, r1=-9)) == ("ditplan run: rank 1 was killed by SIGKILL; the other ranks were stopped", 1)
+    assert _failure_line(failures(r0=2, r1=-15, r2=143)) == (None, 2)  # rank 0's refusal, already printed
+    assert _failure_line(failures(r0=1, r1=-15)) == (None, 1)  # rank 0 printed its error
+    assert _failure_line(failures(r0=143))[0] == "ditplan run: rank 0 was stopped by SIGTERM; the other ranks were stopped"
