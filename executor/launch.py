@@ -148,12 +148,11 @@ def resolve_run_plan(args: argparse.Namespace) -> tuple[ParallelConfig, Placemen
 
 def preflight(args: argparse.Namespace) -> tuple[ParallelConfig, Placement, str]:
     """Refuse what cannot run, before starting anything; returns what the workers get as --plan."""
+    from planner.commands.common import check_sizes
+
     if args.nproc < 1:
         raise DitplanError(f"--nproc {args.nproc}: at least one process is needed.")
-    for flag in ("height", "width", "frames", "steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise DitplanError(f"--{flag} {value}: must be a positive integer.")
+    check_sizes(height=args.height, width=args.width, frames=args.frames, steps=args.steps)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").is_file())):
         raise DitplanError(f"--out {out}: it exists and is not an earlier run's folder (no run.json); choose an empty or new folder.")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -20,7 +19,19 @@ NOT_RUN = ("python3 -m venv .venv", ". .venv/bin/activate", "pip install torch==
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+    """The fenced blocks opened with ```<language> (an empty language: plain ``` blocks)."""
+    found, current, opened = [], [], None
+    for line in README.splitlines():
+        if line.startswith("```"):
+            if opened is None:
+                opened, current = line[3:].strip(), []
+            else:
+                if opened == language:
+                    found.append("\n".join(current) + "\n")
+                opened = None
+        elif opened is not None:
+            current.append(line)
+    return found
 
 
 def shell_commands() -> list[str]:

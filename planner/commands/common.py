@@ -42,7 +42,9 @@ def add_format_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
 
 
-LARGEST_SIZE = 1_000_000  # pixels per side, frames or steps: far beyond any model, still finite to cost
+# Far beyond any model, yet quick to cost: the simulator's work grows with the steps (1000 is DDPM's
+# schedule, the longest diffusers ships), the memory model's figures with the pixels and frames.
+SIZE_LIMITS = {"height": 1_000_000, "width": 1_000_000, "frames": 100_000, "steps": 1000}
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,15 @@ def resolve_generation(model: str, height: int | None = None, width: int | None 
         "frames": spec.default_frames if frames is None else frames,
         "steps": spec.default_steps if steps is None else steps,
     }
-    for name, value in values.items():
-        if value < 1 or value > LARGEST_SIZE:
-            raise DitplanError(f"--{name} {value}: it must be a positive integer up to {LARGEST_SIZE}.")
+    check_sizes(**values)
     return Generation(spec, **values)
+
+
+def check_sizes(**sizes: int | None) -> None:
+    """--height, --width, --frames, --steps (those given) are positive and within SIZE_LIMITS."""
+    for name, value in sizes.items():
+        if value is not None and not 1 <= value <= SIZE_LIMITS[name]:
+            raise DitplanError(f"--{name} {value}: it must be an integer from 1 to {SIZE_LIMITS[name]}.")
 
 
 def generation_from_args(args: argparse.Namespace) -> Generation:

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from costmodel.config import DEFAULT_PLACEMENT
-from planner.commands.common import add_format_argument, add_model_arguments, format_table, print_json
+from planner.commands.common import add_format_argument, add_model_arguments, check_sizes, format_table, print_json
 from planner.space import nontrivial_axes, short_config
 
 DEFAULT_TOP = 10
@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top is not None and args.top < 1:
         raise DitplanError(f"--top {args.top}: show at least one plan (K >= 1).")
+    check_sizes(height=args.height, width=args.width, frames=args.frames, steps=args.steps)
     _check_destinations(args)
     _check_gpu_counts(args)
     result = search(
