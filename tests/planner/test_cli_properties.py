@@ -30,7 +30,7 @@ BATCH_TEXT = ("model,height,width,frames,steps,cluster,gpus,config\n"
 WORKDIR = Path(tempfile.mkdtemp(prefix="ditplan-properties-"))
 _names = itertools.count()
 NOT_FINITE = re.compile(r"\b(nan|inf|infinity)\b", re.IGNORECASE)
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], database=None)
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], database=None)
 
 # Values a careless or hostile file may hold where a figure is expected.
 JUNK_SCALARS = st.one_of(
