@@ -192,9 +192,9 @@ def worker_argv(args: argparse.Namespace, plan: str) -> list[str]:
     return argv
 
 
-def torchrun_arguments(nproc: int) -> list[str]:
-    """torchrun's own flags (before `-m executor.worker`): one node, `nproc` local ranks."""
-    return ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+def torchrun_arguments(args: argparse.Namespace) -> list[str]:
+    """torchrun's own flags (before `-m executor.worker`) for the launcher's: one node, --nproc local ranks."""
+    return ["--standalone", "--nnodes", "1", "--nproc-per-node", str(args.nproc), "--max-restarts", "0",
             "--monitor-interval", "0.2", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
 
 
@@ -217,8 +217,8 @@ def _failure_line(failures: dict[int, Any]) -> tuple[str | None, int]:
     return f"{PROG}: rank {rank} was stopped by {name}; the other ranks were stopped", 1
 
 
-def launch(argv: list[str], nproc: int) -> int:
-    """Run `python -m executor.worker ARGV` on `nproc` local ranks under torch.distributed.run."""
+def launch(argv: list[str], torchrun_argv: list[str]) -> int:
+    """Run `python -m executor.worker ARGV` under torch.distributed.run with TORCHRUN_ARGV."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -229,7 +229,7 @@ def launch(argv: list[str], nproc: int) -> int:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    torchrun_args = get_args_parser().parse_args([*torchrun_arguments(nproc), "-m", "executor.worker", *argv])
+    torchrun_args = get_args_parser().parse_args([*torchrun_argv, "-m", "executor.worker", *argv])
     try:
         run(torchrun_args)
     except SignalException as stop:
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
                     return worker_main(worker_argv(args, plan))
                 os.environ.setdefault("OMP_NUM_THREADS", "1")
-                return launch(worker_argv(args, plan), args.nproc)
+                return launch(worker_argv(args, plan), torchrun_arguments(args))
             finally:
                 if args.plan == "auto" and plan is not None:
                     Path(plan).unlink(missing_ok=True)  # the searched plan's temporary file; run.json records it

@@ -208,11 +208,15 @@ config_text = st.one_of(
 
 @SETTINGS
 @given(height=flag_numbers, width=flag_numbers, steps=flag_numbers, config=config_text,
-       gpus=st.one_of(st.none(), flag_numbers))
-def test_junk_simulate_flags(capsys, height, width, steps, config, gpus):
-    argv = ["simulate", "--model", "tiny-pixart-alpha", "--cluster", "l40-pcie-8", "--config", config,
+       gpus=st.one_of(st.none(), flag_numbers), nodes=st.one_of(st.none(), flag_numbers),
+       placement=st.one_of(st.none(), st.sampled_from(["ring,ulysses", "dp", "cfg,cfg", "", "tp"]), st.text(max_size=12)),
+       cluster=st.sampled_from(["l40-pcie-8", "l40-pcie-8x2-eth"]))
+def test_junk_simulate_flags(capsys, height, width, steps, config, gpus, nodes, placement, cluster):
+    argv = ["simulate", "--model", "tiny-pixart-alpha", "--cluster", cluster, "--config", config,
             "--height", str(height), "--width", str(width), "--steps", str(steps)]
-    run(argv + ([] if gpus is None else ["--gpus", str(gpus)]), capsys)
+    for flag, value in (("--gpus", gpus), ("--nodes", nodes), ("--placement", placement)):
+        argv += [] if value is None else [f"{flag}={value}"]
+    run(argv, capsys)
 
 
 @settings(SETTINGS, max_examples=30)
