@@ -129,7 +129,7 @@ def resolve_run_plan(args: argparse.Namespace) -> tuple[ParallelConfig, Placemen
     if args.plan == "auto" and spec is None:
         raise DitplanError(f"--plan auto: {args.model!r} has no model profile to plan with; give a configuration instead.")
     resolved = resolve_plan(
-        args.plan, model=None if spec is None else spec.id, cluster=args.cluster, gpus=args.nproc,
+        args.plan, model=None if spec is None else spec.id, cluster=args.cluster, gpus=args.nproc or 1,
         height=args.height, width=args.width, frames=args.frames, steps=args.steps,
         # One replica per prompt at most: with fewer prompts than replicas some would idle, which the
         # planner's per-image latency would not see.
@@ -150,7 +150,7 @@ def preflight(args: argparse.Namespace) -> tuple[ParallelConfig, Placement, str]
     """Refuse what cannot run, before starting anything; returns what the workers get as --plan."""
     from planner.commands.common import check_sizes
 
-    if args.nproc < 1:
+    if args.nproc is not None and args.nproc < 1:
         raise DitplanError(f"--nproc {args.nproc}: at least one process is needed.")
     check_sizes(height=args.height, width=args.width, frames=args.frames, steps=args.steps)
     out = Path(args.out)
@@ -158,6 +158,8 @@ def preflight(args: argparse.Namespace) -> tuple[ParallelConfig, Placement, str]
         raise DitplanError(f"--out {out}: it exists and is not an earlier run's folder (no run.json); choose an empty or new folder.")
     check_output_folder(out, "--out")
     config, placement, plan_path = resolve_run_plan(args)
+    if args.nproc is None:
+        args.nproc = config.world_size
     if config.world_size != args.nproc:
         raise DitplanError(
             f"plan {config} uses {config.world_size} GPUs but --nproc is {args.nproc}; "

@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a plan file from `ditplan search --out` (its model, sizes and steps run; a flag may "
                              "repeat them, not change them), 'auto' (search --cluster for --nproc GPUs), "
                              "or a configuration such as 'cfg=2,ulysses=2'")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N",
-                        help="processes (GPUs) to launch; must equal the plan's GPU count (default 1)")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="processes (GPUs) to launch; must equal the plan's GPU count "
+                             "(default: the plan's GPU count; 1 for --plan auto)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder for the PNG images (video: PNG frames) and run.json; "
                              "written only when the run succeeds")

@@ -72,3 +72,12 @@ def test_run_records_the_plans_sizes_and_leaves_no_progress_bar_in_a_log(tmp_pat
     record = json.loads((out / "run.json").read_text())
     assert (record["height"], record["width"], record["steps"]) == (64, 128, 2)
     assert "denoising" not in result.stderr
+
+
+def test_nproc_defaults_to_the_plans_gpu_count(tmp_path):
+    args = launcher_args("--model", "tiny-pixart-alpha", "--plan", "cfg=2", "--out", str(tmp_path / "out"))
+    preflight(args)
+    assert args.nproc == 2
+    args = launcher_args("--model", "tiny-pixart-alpha", "--plan", "cfg=2", "--nproc", "4", "--out", str(tmp_path / "out"))
+    with pytest.raises(DitplanError, match="uses 2 GPUs but --nproc is 4"):
+        preflight(args)
