@@ -115,13 +115,12 @@ def _fill_model_defaults(args: argparse.Namespace, spec: Any) -> None:
 def resolve_run_plan(args: argparse.Namespace) -> tuple[ParallelConfig, Placement, str | None]:
     """The configuration and placement to run, and the plan file the workers read (None: the
     configuration text is passed on); for 'auto', the searched plan saved to a temporary file."""
-    from planner.plan import is_plan_file, resolve_plan
+    from planner.plan import Plan, is_plan_file, resolve_plan
 
     plan_file = args.plan != "auto" and is_plan_file(args.plan)
+    plan = Plan.load(args.plan) if plan_file else args.plan
     if plan_file and args.model is None:
-        from planner.plan import Plan
-
-        args.model = Plan.load(args.plan).model
+        args.model = plan.model
     if args.model is None:
         raise DitplanError("--model is required unless --plan is a plan file (which names its model).")
     spec = model_profile(args.model)
@@ -129,7 +128,7 @@ def resolve_run_plan(args: argparse.Namespace) -> tuple[ParallelConfig, Placemen
     if args.plan == "auto" and spec is None:
         raise DitplanError(f"--plan auto: {args.model!r} has no model profile to plan with; give a configuration instead.")
     resolved = resolve_plan(
-        args.plan, model=None if spec is None else spec.id, cluster=args.cluster, gpus=args.nproc or 1,
+        plan, model=None if spec is None else spec.id, cluster=args.cluster, gpus=args.nproc or 1,
         height=args.height, width=args.width, frames=args.frames, steps=args.steps,
         # One replica per prompt at most: with fewer prompts than replicas some would idle, which the
         # planner's per-image latency would not see.
