@@ -22,7 +22,7 @@ def _start_long_run(out: Path) -> tuple[subprocess.Popen, list[str]]:
     as they come (rank 0 prints the layout just before generating)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "planner", "run", "--model", "tiny-pixart-alpha", "--plan", "cfg=2", "--nproc", "2",
-         "--out", str(out), "--steps", "2000", "--print-layout"],
+         "--out", str(out), "--steps", "1000", "--print-layout"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines: list[str] = []
