@@ -224,7 +224,7 @@ def test_junk_simulate_flags(capsys, height, width, steps, config, gpus, nodes, 
                       st.text(max_size=6)),
        steps=st.integers(-2, 30), top=st.integers(-2, 3))
 def test_junk_search_flags(capsys, gpus, steps, top):
-    run(["search", "--model", "tiny-pixart-alpha", "--cluster", "l40-pcie-8", "--gpus", gpus, "--steps", str(steps),
+    run(["search", "--model", "tiny-pixart-alpha", "--cluster", "l40-pcie-8", f"--gpus={gpus}", "--steps", str(steps),
          "--top", str(top), "--format", "json"], capsys)
 
 
@@ -232,7 +232,7 @@ def test_junk_search_flags(capsys, gpus, steps, top):
 @given(nproc=st.text(max_size=8))
 def test_junk_profile_flags_are_refused_before_measuring(capsys, nproc):
     blocked = new_file("a file, so nothing can be created under it", ".txt")
-    code, _, _ = run(["profile", "--nproc", nproc, "--out", f"{blocked}/this-machine.yaml"], capsys)
+    code, _, _ = run(["profile", f"--nproc={nproc}", "--out", f"{blocked}/this-machine.yaml"], capsys)
     assert code == 2
 
 
