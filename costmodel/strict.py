@@ -5,18 +5,32 @@ the file, the key and the rule in one sentence.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from costmodel.errors import DitplanError
+from costmodel.files import read_yaml
+
+# The finite-number rule. A figure loaded from a file lies within these magnitudes, so that the
+# cost model's products and quotients of a few figures stay finite; every computed figure that
+# leaves the program is checked again (`require_finite`).
+LARGEST_FIGURE = 1e15
+SMALLEST_FIGURE = 1e-15
+LARGEST_INTEGER = 2**31 - 1
+
+__all__ = ["read_yaml", "profile_path", "check_keys", "number", "integer", "boolean", "text", "sequence",
+           "require_finite"]
 
 
 def profile_path(name_or_path: str, folder: Path, kind: str, known: Callable[[], list[str]]) -> Path:
     """A built-in profile id (`folder/<id>.yaml`) or a path to a YAML file of that `kind` ("model",
     "cluster"); an unknown id lists the built-in ones (`known()`, called only then)."""
+    if not name_or_path.strip():
+        raise DitplanError(f"{kind} {name_or_path!r}: empty; give a {kind} id (see `ditplan {kind}s`) or a YAML path.")
     candidate = Path(name_or_path)
+    if candidate.is_dir():
+        raise DitplanError(f"{kind} {name_or_path!r} is a folder; give a {kind} id or the path of a {kind} YAML file.")
     if candidate.suffix in (".yaml", ".yml") or "/" in name_or_path:
         if not candidate.is_file():
             raise DitplanError(f"{kind} file {name_or_path!r} does not exist.")
@@ -28,24 +42,6 @@ def profile_path(name_or_path: str, folder: Path, kind: str, known: Callable[[],
             f"(or give a path to a {kind} YAML)."
         )
     return path
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Parse one YAML mapping; a missing file, a syntax error or a non-mapping is a DitplanError."""
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise DitplanError(f"{path}: cannot read the file ({error.strerror}).") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise DitplanError(f"{path}: malformed YAML{at}: {problem}.") from None
-    if not isinstance(data, dict):
-        raise DitplanError(f"{path}: the file must hold a YAML mapping (key: value lines), not {type(data).__name__}.")
-    return data
 
 
 def check_keys(data: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -78,9 +74,15 @@ def number(data: dict[str, Any], key: str, where: str, *, positive: bool = True,
             raise DitplanError(f"{where}.{key}: {value!r} is not a number.") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DitplanError(f"{where}.{key}: {value!r} is not a number.")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    try:
+        value = float(value)
+    except OverflowError:
+        raise DitplanError(f"{where}.{key}: {value!r} is not a finite number.") from None
+    if not math.isfinite(value):
         raise DitplanError(f"{where}.{key}: {value!r} is not a finite number.")
+    if abs(value) > LARGEST_FIGURE or (value != 0 and abs(value) < SMALLEST_FIGURE):
+        raise DitplanError(f"{where}.{key}: {value!r} is out of range; a figure's magnitude lies between "
+                           f"{SMALLEST_FIGURE:g} and {LARGEST_FIGURE:g} (or is 0 where zero is allowed).")
     if positive and (value < 0 or (value == 0 and not allow_zero)):
         rule = "must be >= 0" if allow_zero else "must be > 0"
         raise DitplanError(f"{where}.{key}: {value!r} is not allowed; it {rule}.")
@@ -89,7 +91,8 @@ def number(data: dict[str, Any], key: str, where: str, *, positive: bool = True,
     return value
 
 
-def integer(data: dict[str, Any], key: str, where: str, *, minimum: int = 1, default: int | None = None) -> int:
+def integer(data: dict[str, Any], key: str, where: str, *, minimum: int = 1, maximum: int = LARGEST_INTEGER,
+            default: int | None = None) -> int:
     if key not in data:
         if default is None:
             raise DitplanError(f"{where}: missing field {key!r}; it is required.")
@@ -99,6 +102,8 @@ def integer(data: dict[str, Any], key: str, where: str, *, minimum: int = 1, def
         raise DitplanError(f"{where}.{key}: {value!r} is not an integer.")
     if value < minimum:
         raise DitplanError(f"{where}.{key}: {value} is not allowed; it must be >= {minimum}.")
+    if value > maximum:
+        raise DitplanError(f"{where}.{key}: {value} is not allowed; it must be <= {maximum}.")
     return value
 
 
@@ -136,3 +141,20 @@ def sequence(data: dict[str, Any], key: str, where: str, *, default: list | None
     if not isinstance(value, list) or not value:
         raise DitplanError(f"{where}.{key}: expected a non-empty list, got {value!r}.")
     return value
+
+
+def require_finite(value: Any, where: str, path: str = "") -> None:
+    """Every float in `value` (a number, or mappings and sequences of them) must be finite: a NaN or
+    infinite computed figure means the inputs lie outside the range the cost model computes in."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            named = f" {path}" if path else ""
+            raise DitplanError(
+                f"{where}: the computed figure{named} is {value}; the model's or cluster's figures are too extreme "
+                "for the cost model (check the profile's values).")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            require_finite(item, where, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            require_finite(item, where, f"{path}[{index}]")

@@ -7,11 +7,11 @@ encoding and VAE decoding. pandas is imported here only, lazily, so the CLI stay
 """
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
 
+from costmodel import files, strict
 from costmodel.config import ParallelConfig
 from costmodel.errors import DitplanError
 from profiles import PROFILES_DIR
@@ -34,16 +34,27 @@ def _config(row: dict[str, str]) -> ParallelConfig:
 
 
 def read_rows(path: str | Path | None = None) -> list[dict[str, str]]:
+    """The measurement rows of a CSV; a header-only file or a bad latency or size is refused by row."""
     path = Path(path) if path is not None else PUBLIC_CSV
-    try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DitplanError(f"{path}: missing column {missing[0]!r}; the columns are {', '.join(COLUMNS)}.")
-            return list(reader)
-    except OSError as error:
-        raise DitplanError(f"{path}: cannot read the measurements ({error.strerror}).") from None
+    rows = files.read_csv(path, "measurements", COLUMNS)
+    if not rows:
+        raise DitplanError(f"measurements {path}: no rows under the header; nothing to compare.")
+    for number, row in enumerate(rows, start=1):
+        where = f"measurements {path}: row {number}"
+        strict.number({"latency_s": _parsed(row["latency_s"])}, "latency_s", where)
+        for column in ("height", "width", "steps", "gpus", *(("frames",) if row["frames"].strip() else ())):
+            strict.integer({column: _parsed(row[column])}, column, where)
+    return rows
+
+
+def _parsed(text: str) -> Any:
+    """A CSV cell as the number it spells (int or float), else the text (which the strict check refuses)."""
+    for kind in (int, float):
+        try:
+            return kind(text.strip())
+        except ValueError:
+            continue
+    return text.strip()
 
 
 def predict_row(row: dict[str, str]) -> dict[str, Any]:

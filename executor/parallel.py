@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,25 +66,23 @@ def model_id_of(pipe: Any) -> str | None:
 
 
 def model_problems(config: ParallelConfig, adapter: FamilyAdapter, model_id: str | None,
-                   height: int, width: int, frames: int, steps: int) -> list[str]:
-    """Every rule `config` breaks for this pipeline at this size (empty when it can run).
+                   height: int | None = None, width: int | None = None, frames: int | None = None,
+                   steps: int | None = None) -> list[str]:
+    """Every rule `config` breaks for this pipeline (empty when it can run).
 
     Uses the cost model's rules (`costmodel.rules.check_config`) with the model's profile where one
-    exists, and checks the loaded transformer itself in any case, since a real checkpoint may differ
-    from the profile of its id.
+    exists and the size is known, and checks the loaded transformer itself in any case, since a real
+    checkpoint may differ from the profile of its id.
     """
     problems: list[str] = []
-    if model_id is not None:
+    if model_id is not None and None not in (height, width, frames, steps):
+        from costmodel.rules import check_config
+        from costmodel.specs import load_model
+
         try:
-            from costmodel.rules import check_config
-            from costmodel.specs import load_model
-        except ImportError:
-            check_config = None
-        if check_config is not None:
-            try:
-                problems.extend(check_config(config, load_model(model_id), height, width, frames, steps, config.world_size))
-            except DitplanError:
-                pass  # no profile for this id: the checks below still apply
+            problems.extend(check_config(config, load_model(model_id), height, width, frames, steps, config.world_size))
+        except DitplanError:
+            pass  # no profile for this id: the checks below still apply
     transformer_config = adapter.transformer.config
     heads = int(transformer_config.num_attention_heads)
     if config.cfg == 2 and not adapter.uses_cfg(2.0):
@@ -102,52 +99,6 @@ def model_problems(config: ParallelConfig, adapter: FamilyAdapter, model_id: str
 def _refuse(config: ParallelConfig, problems: list[str]) -> None:
     if problems:
         raise DitplanError(f"plan {config} cannot run this model: " + "; ".join(problems) + ".")
-
-
-def _resolve_plan(plan: Any, pipe: Any, cluster: str | None, model: str | None, world: int,
-                  height: int | None, width: int | None, frames: int | None, steps: int | None,
-                  prompts: int | None = None) -> tuple[ParallelConfig, Placement, Any]:
-    from planner.plan import Plan
-
-    if isinstance(plan, Plan):
-        return plan.config, plan.placement, plan
-    if isinstance(plan, ParallelConfig):
-        return plan, Placement(plan), None
-    if not isinstance(plan, (str, Path)):
-        raise DitplanError(f"plan {plan!r}: give a plan file path, a planner.plan.Plan, a configuration string or 'auto'.")
-    text = str(plan)
-    if text == "auto":
-        return _auto_plan(pipe, cluster, model, world, height, width, frames, steps, prompts)
-    if text.endswith(".json") or Path(text).is_file():
-        loaded = Plan.load(text)
-        return loaded.config, loaded.placement, loaded
-    config = ParallelConfig.parse(text)
-    return config, Placement(config), None
-
-
-def _auto_plan(pipe: Any, cluster: str | None, model: str | None, world: int, height: int | None,
-               width: int | None, frames: int | None, steps: int | None,
-               prompts: int | None = None) -> tuple[ParallelConfig, Placement, Any]:
-    try:
-        import planner
-
-        search = planner.search
-    except (ImportError, AttributeError) as error:
-        raise DitplanError(f"plan='auto' needs the planner's search, which is not available ({error}); give a configuration instead.") from None
-    model = model or model_id_of(pipe)
-    if model is None:
-        raise DitplanError(f"plan='auto': cannot tell which model {type(pipe).__name__} is; pass model=<id>.")
-    if cluster is None:
-        raise DitplanError("plan='auto' needs a cluster to plan for; pass cluster=<id or YAML path> (see `ditplan clusters`).")
-    adapter = adapter_for(pipe)
-    kwargs: dict[str, Any] = {"height": height, "width": width, "steps": steps}
-    if adapter.is_video and frames:
-        kwargs["frames"] = frames
-    if prompts is not None:
-        kwargs["max_dp"] = prompts  # no idle replicas: at most one per prompt
-    result = search(model, cluster, world, **{k: v for k, v in kwargs.items() if v is not None})
-    chosen = result.to_plan() if hasattr(result, "to_plan") else result.best
-    return chosen.config, chosen.placement, chosen
 
 
 class ParallelPipeline:
@@ -302,7 +253,8 @@ def _dp_share(count: int, dp: int, replica: int) -> list[int]:
 def _progress_bar(total: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="denoising", unit="step", leave=False)
+    # disable=None: no bar where stderr is not a terminal (logs would keep its every redraw).
+    return tqdm(total=total, desc="denoising", unit="step", leave=False, disable=None)
 
 
 def _enable_sp(transformer: torch.nn.Module, family: str, groups: ExecutorGroups) -> Any:
@@ -327,7 +279,12 @@ def parallelize(pipe: Any, plan: Any = "cfg=1", cluster: str | None = None, mode
     rank before any collective.
     """
     world = launched_world_size()
-    config, placement, plan_object = _resolve_plan(plan, pipe, cluster, model, world, height, width, frames, steps, prompts)
+    from planner.plan import resolve_plan
+
+    resolved = resolve_plan(plan, model=model or model_id_of(pipe), cluster=cluster, gpus=world, height=height,
+                            width=width, frames=frames if adapter_for(pipe).is_video else None, steps=steps,
+                            max_dp=prompts)
+    config, placement, plan_object = resolved.config, resolved.placement, resolved.plan
     if config.world_size != world:
         raise DitplanError(
             f"plan {config} uses {config.world_size} GPUs but this job has {world} process(es); "
@@ -337,10 +294,7 @@ def parallelize(pipe: Any, plan: Any = "cfg=1", cluster: str | None = None, mode
     model_id = model or getattr(plan_object, "model", None) or model_id_of(pipe)
     size = (getattr(plan_object, "height", None), getattr(plan_object, "width", None),
             getattr(plan_object, "frames", None), getattr(plan_object, "steps", None))
-    if all(value is not None for value in size):
-        _refuse(config, model_problems(config, adapter, model_id, *size))
-    else:
-        _refuse(config, model_problems(config, adapter, None, 0, 0, 1, 1))
+    _refuse(config, model_problems(config, adapter, model_id, *size))
     init_distributed(backend)
     groups = build_groups(config, placement)
     if torch.cuda.is_available():

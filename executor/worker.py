@@ -36,25 +36,15 @@ def _is_peer_loss(error: BaseException) -> bool:
         marker in text for marker in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out"))
 
 
-def _plan_config(plan: str) -> Any:
-    """The configuration and placement the workers' --plan names (a plan file or a configuration;
-    `auto` was resolved to a file by the launcher)."""
-    from costmodel.config import ParallelConfig, Placement
-    from planner.plan import Plan
-
-    if plan.endswith(".json") or Path(plan).is_file():
-        loaded = Plan.load(plan)
-        return loaded.config, loaded.placement
-    config = ParallelConfig.parse(plan)
-    return config, Placement(config)
-
-
 def _stage_transformer(folder: Path, plan: str, dtype: Any) -> dict[str, Any]:
     """from_pretrained overrides for a pipeline folder under PipeFusion: this rank's stage of the
     transformer, read alone from the checkpoint, so other stages' blocks never exist here."""
     if plan == "auto":
         return {}
-    config, placement = _plan_config(plan)
+    from planner.plan import resolve_plan
+
+    resolved = resolve_plan(plan)
+    config, placement = resolved.config, resolved.placement
     if config.pipefusion == 1:
         return {}
     from executor.families import family_of_pipeline_class
@@ -212,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    from executor.launch import Stopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            code = main()
+    except Stopped as stop:
+        code = 128 + stop.signum  # the launcher, which sent or also got the signal, reports it
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: a process group whose peers died can block in its destructor.

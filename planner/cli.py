@@ -1,5 +1,5 @@
 """The `ditplan` command line. Each subcommand lives in planner/commands/<name>.py and provides
-`add_arguments(parser)`, `run(args) -> int` and a one-line `HELP`; modules are imported only when
+`add_arguments(parser)` and `run(args) -> int` (its one-line help is in COMMANDS); modules are imported only when
 their subcommand runs, so `ditplan simulate` never pays for torch.
 """
 from __future__ import annotations

@@ -97,7 +97,7 @@ def plot_pareto(result: "SearchResult", path: str | None = None):
         axes.set_title(title)
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=8)
-    figure.suptitle(f"{result.model} {result.height}x{result.width}, {result.steps} steps on {result.cluster}")
+    figure.suptitle(f"{result.model} {result.width}x{result.height}, {result.steps} steps on {result.cluster}")
     if path is not None:
         figure.savefig(path, dpi=120)
     return figure

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from costmodel import files
 from costmodel.profiler.fit import LinearFit
 
 
@@ -188,7 +189,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def write_atomically(path: str | Path, profile: dict[str, Any], check=None) -> Path:
     """Write `profile` next to `path` under a temporary name, check it (`check(temp_path)` may raise),
     then rename it into place: readers see the old file or the whole new one, never a part."""
-    path = Path(path)
+    path = files.check_output(path, "--out")
+    mode = files.replacement_mode(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.yaml", dir=path.parent)
     temp = Path(temp_name)
@@ -198,9 +200,7 @@ def write_atomically(path: str | Path, profile: dict[str, Any], check=None) -> P
             yaml.dump(profile, stream, Dumper=_ProfileDumper, sort_keys=False, width=120, default_flow_style=False)
             stream.flush()
             os.fsync(stream.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes the file private; a profile is ordinary data
+        os.chmod(temp, mode)  # mkstemp makes the file private; a profile is ordinary data
         if check is not None:
             check(temp)
         os.replace(temp, path)

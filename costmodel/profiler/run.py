@@ -49,14 +49,20 @@ def l2_cache_mb() -> float:
         return 1.0
 
 
+MAX_PROCESSES = 64
+
+
 def parse_process_counts(text: str) -> tuple[int, ...]:
-    """'2,4' -> (2, 4); each count an integer >= 2 (communication needs two processes)."""
+    """'2,4' -> (2, 4); each count an integer from 2 (communication needs two processes) to
+    MAX_PROCESSES (each is a process started on this machine)."""
     counts = []
     for part in str(text).split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) < 2:
-            raise DitplanError(f"--nproc {text!r}: {part!r} is not allowed; give process counts >= 2 separated by commas, e.g. 2,4.")
-        counts.append(int(part))
+        count = int(part) if part.isascii() and part.isdigit() else 0
+        if not 2 <= count <= MAX_PROCESSES:
+            raise DitplanError(f"--nproc {text!r}: {part!r} is not allowed; give process counts from 2 to "
+                               f"{MAX_PROCESSES} separated by commas, e.g. 2,4.")
+        counts.append(count)
     return tuple(sorted(set(counts)))
 
 

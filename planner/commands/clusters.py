@@ -5,8 +5,6 @@ import argparse
 
 from planner.commands import common
 
-HELP = "list the built-in clusters"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", help="show one cluster (id or YAML path) in detail, with every link's source")

@@ -42,6 +42,11 @@ def add_format_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
 
 
+# Far beyond any model, yet quick to cost: the simulator's work grows with the steps (1000 is DDPM's
+# schedule, the longest diffusers ships), the memory model's figures with the pixels and frames.
+SIZE_LIMITS = {"height": 1_000_000, "width": 1_000_000, "frames": 100_000, "steps": 1000}
+
+
 @dataclass(frozen=True)
 class Generation:
     """The model and generation size, with the model's defaults filled in."""
@@ -67,10 +72,15 @@ def resolve_generation(model: str, height: int | None = None, width: int | None 
         "frames": spec.default_frames if frames is None else frames,
         "steps": spec.default_steps if steps is None else steps,
     }
-    for name, value in values.items():
-        if value < 1:
-            raise DitplanError(f"--{name} {value}: it must be a positive integer.")
+    check_sizes(**values)
     return Generation(spec, **values)
+
+
+def check_sizes(**sizes: int | None) -> None:
+    """--height, --width, --frames, --steps (those given) are positive and within SIZE_LIMITS."""
+    for name, value in sizes.items():
+        if value is not None and not 1 <= value <= SIZE_LIMITS[name]:
+            raise DitplanError(f"--{name} {value}: it must be an integer from 1 to {SIZE_LIMITS[name]}.")
 
 
 def generation_from_args(args: argparse.Namespace) -> Generation:
@@ -89,10 +99,23 @@ def parse_placement(config, text: str | None):
     return Placement(config) if not text else Placement.parse(config, text)
 
 
-def load_cluster_for(cluster: str, gpus: int | None, nodes: int | None):
+def cluster_for_config(cluster: str, config, gpus: int | None, nodes: int | None):
+    """The cluster's first `gpus` GPUs (default: the configuration's product). A configuration larger
+    than the cluster is blamed on itself, not on a --gpus the user did not give."""
     from costmodel import load_cluster
 
+    if gpus is None:
+        whole = load_cluster(cluster, nodes=nodes)
+        if config.world_size > whole.gpus:
+            raise DitplanError(f"configuration {config} needs {config.world_size} GPUs but cluster {cluster} has "
+                               f"{whole.gpus} GPUs; lower its degrees.")
+        gpus = config.world_size
     return load_cluster(cluster, gpus=gpus, nodes=nodes)
+
+
+def percent(fraction: float) -> str:
+    """A share as a percentage with one decimal (three would claim a precision the model lacks)."""
+    return f"{100.0 * fraction:.1f}"
 
 
 # ------------------------------------------------------------------ output
@@ -109,7 +132,7 @@ def clean_json(value: Any) -> Any:
 
 
 def print_json(value: Any, stream=None) -> None:
-    json.dump(clean_json(value), stream or sys.stdout, indent=2)
+    json.dump(clean_json(value), stream or sys.stdout, indent=2, allow_nan=False)
     (stream or sys.stdout).write("\n")
 
 

@@ -5,8 +5,6 @@ import argparse
 
 from planner.commands import common
 
-HELP = "list the built-in models"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_format_argument(parser)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "measure this machine and write a cluster profile"
 DEFAULT_OUT = "this-machine.yaml"
 
 
@@ -36,17 +35,17 @@ def run(args: argparse.Namespace) -> int:
     from costmodel.profiler.run import parse_process_counts, profile_machine, profile_nodes
     from planner.commands.run import check_nodes
 
+    from costmodel.errors import DitplanError
+    from costmodel.files import check_output
+
     check_nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
     if args.gpus_per_node is not None and (args.nnodes == 1 or args.gpus_per_node < 1):
-        from costmodel.errors import DitplanError
-
         raise DitplanError(f"--gpus-per-node {args.gpus_per_node}: give a count >= 1, together with --nnodes > 1.")
-    counts = parse_process_counts(args.nproc) if args.nproc else None
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        from costmodel.errors import DitplanError
 
-        raise DitplanError(f"--out {out}: it is a folder; give the path of the profile file to write (e.g. {out / DEFAULT_OUT}).")
+    counts = parse_process_counts(args.nproc) if args.nproc else None
+    # Checked before the measurement (minutes), and again when the file is written.
+    out = check_output(args.out, "--out")
+
     # The cost model's own strict loader checks the file before it replaces --out.
     def check(temp: Path) -> object:
         return load_cluster(str(temp))

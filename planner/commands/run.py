@@ -1,26 +1,26 @@
-"""`ditplan run`: run a plan for real. It starts `python -m executor` (which wraps torchrun) as a
-subprocess with the same arguments, so the planner never imports torch or the executor.
+"""`ditplan run`: run a plan for real. The executor's launcher (executor.launch, which wraps
+torchrun) runs in this process, imported only when this command runs, so no other command pays for
+torch; signals sent to this process reach the launcher, which stops every worker.
 
 The flags are defined here, once; the executor's launcher builds its parser from `add_arguments`.
 """
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-
-HELP = "run a plan for real under torchrun (executor)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="M|PATH",
+    parser.add_argument("--model", metavar="M|PATH",
                         help="model: a tiny id (tiny-pixart-alpha, tiny-flux-dev, ...; built offline with seeded random "
-                             "weights), a Hugging Face id or a local pipeline folder (loaded with from_pretrained)")
+                             "weights), a Hugging Face id or a local pipeline folder (loaded with from_pretrained); "
+                             "default: the plan file's model")
     parser.add_argument("--plan", required=True, metavar="plan.json|auto|CONFIG",
-                        help="a plan file from `ditplan search --out`, 'auto' (search --cluster for --nproc GPUs), "
+                        help="a plan file from `ditplan search --out` (its model, sizes and steps run; a flag may "
+                             "repeat them, not change them), 'auto' (search --cluster for --nproc GPUs), "
                              "or a configuration such as 'cfg=2,ulysses=2'")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N",
-                        help="processes (GPUs) to launch; must equal the plan's GPU count (default 1)")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="processes (GPUs) to launch; must equal the plan's GPU count "
+                             "(default: the plan's GPU count; 1 for --plan auto)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder for the PNG images (video: PNG frames) and run.json; "
                              "written only when the run succeeds")
@@ -73,24 +73,7 @@ def check_nodes(nnodes: int, node_rank: int, endpoint: str | None) -> None:
 
 
 def run_passthrough(argv: list[str]) -> int:
-    """Run `python -m executor ARGV` and return its exit status."""
-    try:
-        return subprocess.call([sys.executable, "-m", "executor", *argv])
-    except KeyboardInterrupt:
-        return 130
+    """Run the executor's launcher on ARGV and return its exit status."""
+    from executor.launch import main
 
-
-def run(args: argparse.Namespace) -> int:
-    """Unused by the CLI (which passes `run`'s argv straight through); kept for the command interface."""
-    argv: list[str] = []
-    for key, value in vars(args).items():
-        if key == "command" or value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return run_passthrough(argv)
+    return main(argv)

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from pathlib import Path
 
 from costmodel.config import DEFAULT_PLACEMENT
-from planner.commands.common import add_format_argument, add_model_arguments, format_table, print_json
+from planner.commands.common import add_format_argument, add_model_arguments, check_sizes, format_table, print_json
 from planner.space import nontrivial_axes, short_config
 
-HELP = "rank every valid configuration and write the best as a plan"
 DEFAULT_TOP = 10
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+FOOTNOTE = ("speedup: one GPU's latency for an image / this plan's.  eff.: one GPU's GPU-seconds per image / this plan's\n"
+            "(= speedup / GPUs, times the images a data-parallel plan makes at once; above 100% where each GPU's\n"
+            "share runs faster than its fraction of the one-GPU run)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=None,
                         help=f"show the first K plans (table default {DEFAULT_TOP}; JSON default: all)")
     parser.add_argument("--out", metavar="PLAN.json", help="write the winner as a plan file for `ditplan run`")
-    parser.add_argument("--plot", metavar="FILE.png", help="plot the Pareto fronts across GPU counts (matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="plot the Pareto fronts across GPU counts (matplotlib; .png, .pdf or .svg)")
     add_format_argument(parser)
     parser.add_argument("--show-pruned", action="store_true", help="table: list every pruned configuration")
     parser.add_argument("--rescore", type=int, default=None,
@@ -64,7 +69,7 @@ ALIGN = "rrrrrrlll"
 def render_table(result, top: int, show_pruned: bool) -> str:
     counts = ",".join(str(n) for n in result.gpu_counts)
     lines = [
-        f"{result.model} {result.height}x{result.width}"
+        f"{result.model} {result.width}x{result.height}"
         + (f"x{result.frames} frames" if result.frames > 1 else "")
         + f", {result.steps} steps on {result.cluster}, GPUs {counts}",
         f"one GPU: {result.baseline_latency_s:.3f} s predicted"
@@ -76,6 +81,7 @@ def render_table(result, top: int, show_pruned: bool) -> str:
     hidden = len(result.plans) - len(shown)
     if hidden > 0:
         lines.append(f"... {hidden} more feasible plan(s) (--top N or --format json shows them)")
+    lines.append(FOOTNOTE)
     if len(result.gpu_counts) > 1:
         lines += ["", "best per GPU count:"]
         per_count = list(result.best_per_count.values())
@@ -97,30 +103,68 @@ def render_table(result, top: int, show_pruned: bool) -> str:
     return "\n".join(lines)
 
 
+def _check_destinations(args: argparse.Namespace) -> None:
+    """--out and --plot are checked before the search, so a bad path costs nothing."""
+    from costmodel.errors import DitplanError
+    from costmodel.files import check_output
+
+    if args.out:
+        check_output(args.out, "--out")
+    if args.plot:
+        check_output(args.plot, "--plot")
+        if Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+            raise DitplanError(f"--plot {args.plot}: the file name must end in {', '.join(PLOT_FORMATS)}.")
+
+
+def _check_gpu_counts(args: argparse.Namespace) -> None:
+    """Every count of --gpus fits the cluster, named as given (not as the first count that does not fit)."""
+    from costmodel.errors import DitplanError
+    from costmodel.topology import load_cluster
+    from planner.space import parse_gpu_counts
+
+    counts = parse_gpu_counts(args.gpus)
+    total = load_cluster(args.cluster, nodes=args.nodes).gpus
+    if counts[-1] > total:
+        fitting = [n for n in counts if n <= total]
+        hint = f"--gpus {fitting[0]}-{total}" if len(fitting) > 1 and fitting == list(range(fitting[0], total + 1)) \
+            else f"counts up to {total}"
+        raise DitplanError(f"--gpus {args.gpus}: cluster {args.cluster} has {total} GPUs, so {counts[-1]} do not fit; "
+                           f"use {hint}, or more --nodes where the cluster has a network.")
+
+
 def run(args: argparse.Namespace) -> int:
     from costmodel.errors import DitplanError
+    from costmodel.strict import require_finite
     from planner.ranking import DEFAULT_RESCORE, search
 
     if args.top is not None and args.top < 1:
         raise DitplanError(f"--top {args.top}: show at least one plan (K >= 1).")
+    check_sizes(height=args.height, width=args.width, frames=args.frames, steps=args.steps)
+    _check_destinations(args)
+    _check_gpu_counts(args)
     result = search(
         args.model, args.cluster, args.gpus, height=args.height, width=args.width, frames=args.frames,
         steps=args.steps, nodes=args.nodes, rescore=DEFAULT_RESCORE if args.rescore is None else args.rescore, exhaustive=args.exhaustive,
         min_warmup=args.min_warmup,
     )
     best = result.best  # raises the no-plan explanation as a DitplanError
+    summary = result.to_dict(top=args.top)
+    require_finite(summary, "ditplan search")
     if args.out:
-        result.to_plan(best).save(args.out)
+        result.to_plan(best).save(args.out, "--out")
     if args.plot:
         from planner.pareto import plot_pareto
 
         plot_pareto(result, args.plot)
     if args.format == "json":
-        print_json(result.to_dict(top=args.top))
+        print_json(summary)
     else:
         print(render_table(result, args.top or DEFAULT_TOP, args.show_pruned))
         if args.out:
             print(f"\nplan written to {args.out}")
         if args.plot:
             print(f"Pareto plot written to {args.plot}")
+            if len(result.gpu_counts) == 1:
+                print(f"note: one GPU count ({result.gpu_counts[0]}), so the plot shows one point per panel; "
+                      "give a range such as --gpus 1-8 to compare counts")
     return 0

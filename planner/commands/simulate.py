@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import sys
-from pathlib import Path
 
 from costmodel.errors import DitplanError
+from costmodel.files import check_output, read_csv, write_atomically
+from costmodel.strict import require_finite
 from planner.commands import common
 
-HELP = "predict latency, memory and timeline of one configuration"
 BATCH_COLUMNS = ("model", "height", "width", "frames", "steps", "cluster", "gpus", "config")
 BATCH_OUTPUT = ("latency_s", "memory_gib", "feasible", "reason")
 
@@ -29,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.batch:
+        given = [flag for flag in ("model", "height", "width", "frames", "steps", "cluster", "gpus", "nodes", "config",
+                                   "placement", "trace") if getattr(args, flag) is not None]
+        if given:
+            raise DitplanError(f"--batch takes every setting from the CSV's columns; drop "
+                               f"{', '.join('--' + flag for flag in given)}.")
         return _run_batch(args)
     missing = [flag for flag, value in (("--model", args.model), ("--cluster", args.cluster), ("--config", args.config))
                if not value]
@@ -37,29 +41,26 @@ def run(args: argparse.Namespace) -> int:
                            "(or --batch ROWS.csv).")
     from costmodel import simulate
 
+    if args.trace:
+        check_output(args.trace, "--trace")
     generation = common.generation_from_args(args)
     config = common.parse_config(args.config)
-    cluster = common.load_cluster_for(args.cluster, args.gpus if args.gpus is not None else config.world_size, args.nodes)
+    cluster = common.cluster_for_config(args.cluster, config, args.gpus, args.nodes)
     placement = common.parse_placement(config, args.placement)
     result = simulate(generation.model, cluster, config, placement=placement, trace=bool(args.trace),
                       **generation.as_kwargs())
+    figures = result.to_dict()
+    require_finite(figures, "ditplan simulate")
     if args.trace:
-        _write_trace(Path(args.trace), result.trace)
+        write_atomically(args.trace, json.dumps({"traceEvents": result.trace, "displayTimeUnit": "ms"},
+                                                allow_nan=False), "--trace")
     if args.format == "json":
-        common.print_json(result.to_dict())
+        common.print_json(figures)
     else:
         print(_table(result, cluster))
         if args.trace:
             print(f"trace: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
     return 0
-
-
-def _write_trace(path: Path, events: list) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
-    except OSError as error:
-        raise DitplanError(f"--trace {path}: cannot write the file ({error.strerror}).") from None
 
 
 def _table(result, cluster) -> str:
@@ -77,9 +78,9 @@ def _table(result, cluster) -> str:
         f"outside    text encoding {result.text_encode_s:.3f} s, VAE decode {result.vae_decode_s:.3f} s (not in latency)",
         "",
     ]
-    rows = [(key.removesuffix("_s"), value, 100.0 * value / result.latency_s if result.latency_s else 0.0)
+    rows = [(key.removesuffix("_s"), value, common.percent(value / result.latency_s if result.latency_s else 0.0))
             for key, value in result.breakdown.items()]
-    lines.append(common.format_table(rows, ("breakdown", "seconds", "% of latency")))
+    lines.append(common.format_table(rows, ("breakdown", "seconds", "% of latency"), align="lrr"))
     if result.comm_by_tier:
         lines.append("")
         tiers = [(tier, seconds) for tier, seconds in sorted(result.comm_by_tier.items(), key=lambda kv: -kv[1])]
@@ -112,31 +113,23 @@ def _batch_row(row: dict[str, str], number: int) -> dict[str, object]:
         generation = common.resolve_generation(row["model"].strip(), optional_int("height"), optional_int("width"),
                                                optional_int("frames"), optional_int("steps"))
         config = common.parse_config(row["config"])
-        gpus = optional_int("gpus")
-        cluster = common.load_cluster_for(row["cluster"].strip(), gpus if gpus is not None else config.world_size, None)
+        cluster = common.cluster_for_config(row["cluster"].strip(), config, optional_int("gpus"), None)
         result = simulate(generation.model, cluster, config, **generation.as_kwargs())
-        out.update(latency_s=result.latency_s, memory_gib=result.memory_gib, feasible=result.feasible,
-                   reason=result.reason)
+        figures = {"latency_s": result.latency_s, "memory_gib": result.memory_gib}
+        require_finite(figures, f"row {number}")
+        out.update(figures, feasible=result.feasible, reason=result.reason)
     except DitplanError as error:
         out.update(latency_s=None, memory_gib=None, feasible=False, reason=str(error))
     return out
 
 
 def _run_batch(args: argparse.Namespace) -> int:
-    path = Path(args.batch)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise DitplanError(f"--batch {path}: cannot read the file ({error.strerror}).") from None
-    reader = csv.DictReader(io.StringIO(text))
-    fields = reader.fieldnames or []
-    missing = [c for c in BATCH_COLUMNS if c not in fields]
-    if missing:
-        raise DitplanError(f"--batch {path}: missing column {missing[0]!r}; the columns are {','.join(BATCH_COLUMNS)}.")
-    results = [_batch_row(row, number) for number, row in enumerate(reader, start=1)]
+    rows = read_csv(args.batch, "--batch", BATCH_COLUMNS)
+    results = [_batch_row(row, number) for number, row in enumerate(rows, start=1)]
     if args.format == "json":
         common.print_json(results)
         return 0
+    fields = list(rows[0]) if rows else list(BATCH_COLUMNS)
     writer = csv.DictWriter(sys.stdout, fieldnames=[*fields, *[c for c in BATCH_OUTPUT if c not in fields]],
                             lineterminator="\n")
     writer.writeheader()

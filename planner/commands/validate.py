@@ -7,8 +7,6 @@ import argparse
 
 from planner.commands import common
 
-HELP = "compare predictions with published (and measured) latencies"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--published", metavar="CSV", help="published measurements (default: the shipped public.csv)")
@@ -19,7 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from costmodel.validation import scenario_summary, superlinear_notes, validation_table
 
+    from costmodel.errors import DitplanError
+
     table = validation_table(args.published, args.measured)
+    failed = table[table["predicted_s"].isna()]
+    if len(failed):
+        first = failed.iloc[0]
+        raise DitplanError(f"{len(failed)} row(s) cannot be predicted; the first, scenario {first['scenario']!r} "
+                           f"({first['model']} on {first['cluster']}): {first['reason']}")
     summary = scenario_summary(table)
     median = float(table["error_pct"].abs().median())
     agree = int(summary["best_agrees"].sum()) if len(summary) else 0
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return short(ParallelConfig.parse(text))
 
     rows = [(r["scenario"], r["gpus"], short_config(r["config"]) if r["config"] else "-", r["latency_s"],
-             r["predicted_s"], r["error_pct"], r["timed"] if isinstance(r.get("timed"), str) else "-")
+             r["predicted_s"], f"{r['error_pct']:.1f}", r["timed"] if isinstance(r.get("timed"), str) else "-")
             for r in table.to_dict(orient="records")]
     print(common.format_table(rows, ("scenario", "GPUs", "config", "published s", "predicted s", "error %", "timed"),
                               align="lrlrrrl"))

@@ -60,9 +60,9 @@ def test_unreadable_and_malformed_files(tmp_path):
 
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
-        raise RuntimeError("disk full")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(json, "dump", explode)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr("costmodel.files.os.replace", explode)
+    with pytest.raises(DitplanError, match="No space left"):
         make_plan().save(tmp_path / "plan.json")
     assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from executor.launch import rendezvous_args
+from executor.launch import torchrun_arguments
 from jobs import ROOT
 
 
@@ -19,10 +19,11 @@ def ditplan(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_one_node_stays_standalone_and_several_use_static_rendezvous():
-    one = argparse.Namespace(nnodes=1, node_rank=0, rdzv_endpoint=None, rdzv_id="ditplan")
-    assert rendezvous_args(one)[:1] == ["--standalone"]
-    two = argparse.Namespace(nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29500", rdzv_id="job7")
-    flags = rendezvous_args(two)
+    one = argparse.Namespace(nproc=2, nnodes=1, node_rank=0, rdzv_endpoint=None, rdzv_id="ditplan")
+    assert torchrun_arguments(one)[:1] == ["--standalone"]
+    two = argparse.Namespace(nproc=4, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29500", rdzv_id="job7")
+    flags = torchrun_arguments(two)
+    assert flags[flags.index("--nproc-per-node") + 1] == "2"  # --nproc counts every node's processes
     # static rendezvous: the node rank fixes which global ranks each node holds (the plan's placement)
     assert "--standalone" not in flags
     assert flags[flags.index("--rdzv-backend") + 1] == "static"
