@@ -15,7 +15,6 @@ under PipeFusion as soon as the rank has done its part of the step before, mid-p
 from __future__ import annotations
 
 import os
-import time
 from typing import Callable
 
 import torch
@@ -23,6 +22,7 @@ import torch.distributed as dist
 
 from costmodel.config import ParallelConfig
 from costmodel.errors import DitplanError
+from executor.device import now, seconds_since
 from executor.families.base import DenoiseJob, FamilyAdapter
 from executor.groups import ExecutorGroups
 
@@ -96,7 +96,7 @@ def denoise(
     latents = job.latents
     with torch.no_grad():
         for step_index, t in enumerate(job.timesteps):
-            started = time.perf_counter()
+            started = now(latents.device)
             if fail_step == step_index:
                 raise _injected_failure(step_index)
             output = transformer(**adapter.transformer_kwargs(job, latents, t, branches))[0]
@@ -111,5 +111,5 @@ def denoise(
                 noise = adapter.combine_guidance(job, uncond, cond, step_index, t)
             latents = adapter.step(job, noise, t, latents, step_index)
             if on_step is not None:
-                on_step(step_index, time.perf_counter() - started)
+                on_step(step_index, seconds_since(started, latents.device))
     return latents

@@ -9,7 +9,6 @@ whatever the plan, data-parallel splits included.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch.distributed as dist
 
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
+from executor.device import local_device, now, seconds_since
 from executor.families import FamilyAdapter, GenerationRequest, adapter_for
 from executor.groups import ExecutorGroups, build_groups, init_distributed, launched_world_size
 from executor.loop import denoise
@@ -33,7 +33,8 @@ _DEFAULT_MODEL_IDS = {
 
 @dataclass
 class RunTimings:
-    """Wall-clock seconds of the last call on this rank, per phase."""
+    """Wall-clock seconds of the last call on this rank, per phase (each ends once the device has
+    finished the phase's work)."""
 
     prepare_s: float = 0.0
     loop_s: float = 0.0
@@ -163,6 +164,7 @@ class ParallelPipeline:
         self.plan = plan
         self.model_id = model_id
         self.rank = groups.rank
+        self.device = local_device()
         self.show_progress = (self.rank == 0) if show_progress is None else (show_progress and self.rank == 0)
         self.last_timings = RunTimings()
         self.last_sizes: dict[str, Any] = {}
@@ -206,8 +208,10 @@ class ParallelPipeline:
                  output_type: str = "pil", num_frames: int | None = None, seed: int | None = None,
                  return_dict: bool = True) -> Any:
         """Generate; rank 0 returns the pipeline-like output (`.images` or `.frames`), other ranks None."""
-        started = time.perf_counter()
+        started = now(self.device)
         timings = RunTimings()
+        if self._sp_handle is not None:
+            self._sp_handle.new_generation()
         request = self._request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
                                 guidance_scale, generator, seed, output_type)
         job = self.adapter.prepare(request)
@@ -225,10 +229,10 @@ class ParallelPipeline:
                            "steps": job.num_steps, "guidance_scale": job.guidance_scale}
         share = _dp_share(len(request.prompts), self.config.dp, self.groups.coordinate("dp"))
         local = job.subset(share) if self.config.dp > 1 else job
-        timings.prepare_s = time.perf_counter() - started
+        timings.prepare_s = seconds_since(started, self.device)
 
         latents = None
-        loop_started = time.perf_counter()
+        loop_started = now(self.device)
         if share:
             progress = _progress_bar(local.num_steps) if self.show_progress else None
 
@@ -242,20 +246,20 @@ class ParallelPipeline:
             finally:
                 if progress is not None:
                     progress.close()
-        timings.loop_s = time.perf_counter() - loop_started
+        timings.loop_s = seconds_since(loop_started, self.device)
 
-        decode_started = time.perf_counter()
+        decode_started = now(self.device)
         leader = self.groups.replica_leader
         result = None
         if share and leader and latents is not None:
             result = self.adapter.decode(local, latents, output_type)
-        timings.decode_s = time.perf_counter() - decode_started
+        timings.decode_s = seconds_since(decode_started, self.device)
 
-        gather_started = time.perf_counter()
+        gather_started = now(self.device)
         if self.config.dp > 1:
             result = self._gather_replicas(result if leader else None)
-        timings.gather_s = time.perf_counter() - gather_started
-        timings.end_to_end_s = time.perf_counter() - started
+        timings.gather_s = seconds_since(gather_started, self.device)
+        timings.end_to_end_s = seconds_since(started, self.device)
         self.last_timings = timings
         if self.rank != 0:
             return None
@@ -264,9 +268,10 @@ class ParallelPipeline:
         return ParallelOutput(frames=result) if self.adapter.is_video else ParallelOutput(images=result)
 
     def _gather_replicas(self, local: Any) -> Any:
-        """Replica leaders' outputs, in dp order, merged on rank 0 (one object gather)."""
+        """Replica leaders' outputs, in dp order, merged on rank 0 (one object gather). Tensors travel
+        from the CPU: rank 0 would unpickle a GPU tensor onto the sender's device."""
         gathered: list[Any] | None = [None] * self.groups.world_size if self.rank == 0 else None
-        dist.gather_object(local, gathered, dst=0)
+        dist.gather_object(_on_host(local), gathered, dst=0)
         if self.rank != 0:
             return None
         parts = [gathered[r] for r in self.groups.replica_leaders() if gathered[r] is not None]
@@ -277,6 +282,15 @@ class ParallelPipeline:
         if self._sp_handle is not None:
             self._sp_handle.remove()
             self._sp_handle = None
+
+
+def _on_host(value: Any) -> Any:
+    """`value` with every tensor in it copied to the CPU (lists and tuples of them too)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(item) for item in value)
+    return value
 
 
 def _merge(parts: list[Any]) -> Any:

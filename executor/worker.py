@@ -26,14 +26,16 @@ REFUSAL_GRACE_S = 60.0
 
 
 def _is_peer_loss(error: BaseException) -> bool:
-    """True for errors raised because another rank died (closed connections, aborted collectives)."""
+    """True for errors raised here only because another rank died: its connections closed under a
+    gloo collective. An NCCL error or a collective timeout is this rank's own news and is reported
+    as it is (a timeout names the collective that hung)."""
     import torch.distributed as dist
 
-    if isinstance(error, getattr(dist, "DistError", ())):
+    if isinstance(error, dist.DistNetworkError):
         return True
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        marker in text for marker in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out"))
+    return isinstance(error, RuntimeError) and "nccl" not in text and any(
+        marker in text for marker in ("connection closed", "connection reset", "broken pipe"))
 
 
 def _plan_config(plan: str) -> Any:
@@ -77,14 +79,26 @@ def load_pipeline(model: str, plan: str = "cfg=1") -> Any:
     if is_tiny_model(model):
         return build_tiny_pipeline(model, seed=0)
     import diffusers
-    import torch
+
+    from executor.device import compute_dtype, local_device
 
     quiet_libraries()
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = compute_dtype(local_device())
     overrides = _stage_transformer(Path(model), plan, dtype) if Path(model).is_dir() else {}
     pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype, **overrides)
+    _ensure_dtype(pipe, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _ensure_dtype(pipe: Any, dtype: Any) -> None:
+    """Every module of `pipe` in `dtype`: diffusers releases the project allows (before 0.36) ignore
+    from_pretrained's `dtype` and load fp32, which would mix with a stage loaded in `dtype`."""
+    import torch
+
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module) and any(p.is_floating_point() and p.dtype != dtype for p in part.parameters()):
+            part.to(dtype=dtype)
 
 
 def _save_outputs(output: Any, is_video: bool, folder: Path) -> list[str]:

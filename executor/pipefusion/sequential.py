@@ -9,11 +9,11 @@ without a cluster.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import torch
 
+from executor.device import now, seconds_since
 from executor.pipefusion.job import PatchJob
 from executor.pipefusion.schedulers import PatchScheduler
 from executor.pipefusion.layout import PatchLayout
@@ -34,7 +34,7 @@ def denoise_sequential(job: PatchJob, stages: StagedTransformer, patches: int, w
     handle = install_stale_kv(stages.stale_layers(range(stages.unit_count())), state)
     try:
         for i, t in enumerate(job.timesteps):
-            started = time.perf_counter()
+            started = now(latents.device)
             x = job.model_input(latents, t)
             timestep = job.model_timestep(t, x.shape[0])
             cond = stages.condition(x, timestep, job.model_kwargs)
@@ -46,7 +46,7 @@ def denoise_sequential(job: PatchJob, stages: StagedTransformer, patches: int, w
             else:
                 _patch_step(job, stages, scheduler, state, layout, latents, x, cond, t, i, patches)
             if on_step is not None:
-                on_step(i, time.perf_counter() - started)
+                on_step(i, seconds_since(started, latents.device))
     finally:
         handle.remove()
     return latents
@@ -58,7 +58,7 @@ def _patch_step(job: PatchJob, stages: StagedTransformer, scheduler: PatchSchedu
     state.mode = "patch"
     image = stages.embed(x, cond)
     for m in range(patches):
-        index, text_index = layout.token_index(m), layout.text_slice(m, state.text_buffer_tokens)
+        index, text_index = layout.token_index(m, latents.device), layout.text_slice(m, state.text_buffer_tokens)
         state.index, state.text_index, state.text_tokens = index, text_index, text_index.stop - text_index.start
         carry = stages.select(image, index, text_index)
         for unit in range(stages.unit_count()):
