@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 
 from costmodel.config import ParallelConfig
-from costmodel.errors import DitplanError
 from executor.device import now, seconds_since
 from executor.families.base import DenoiseJob, FamilyAdapter
 from executor.groups import ExecutorGroups
+from executor.pipefusion import denoise as pipefusion_denoise
+from executor.pipefusion import runs_patches
 
 FAIL_AT_ENV = "DITPLAN_FAIL_AT"
 
@@ -78,19 +79,11 @@ def denoise(
     config = config or ParallelConfig()
     transformer = adapter.transformer
     fail_step = _failure_step(groups.rank if groups is not None else 0)
-    if config.pipefusion > 1 or config.uses_patches:
-        try:
-            from executor.pipefusion import denoise as pipefusion_denoise
-        except ImportError as error:
-            raise DitplanError(f"configuration {config}: PipeFusion is not available in this build ({error}).") from None
+    assert config.cfg == 1 or job.do_cfg, f"{config}: refused at the entrance (executor.parallel), cfg=2 without guidance"
+    if runs_patches(config):
         return pipefusion_denoise(job, adapter, transformer, groups, config, _failing_after(on_step, fail_step))
 
     cfg_group = groups.group("cfg") if groups is not None else None
-    if config.cfg == 2 and not job.do_cfg:
-        raise DitplanError(
-            f"configuration {config}: cfg=2 needs classifier-free guidance, but this {job.family} job has none "
-            f"(guidance_scale={job.guidance_scale}); use cfg=1."
-        )
     branches = (job.branches[groups.coordinate("cfg")],) if config.cfg == 2 else job.branches
 
     latents = job.latents
@@ -103,8 +96,9 @@ def denoise(
             noise = adapter.noise_prediction(job, output)
             if config.cfg == 2:
                 # One all-gather per step: both ranks end up with [uncond, cond] in cfg order.
+                noise = noise.contiguous()  # empty_like keeps strides: the received halves must be contiguous too
                 halves = [torch.empty_like(noise) for _ in range(2)]
-                dist.all_gather(halves, noise.contiguous(), group=cfg_group)
+                dist.all_gather(halves, noise, group=cfg_group)
                 noise = adapter.combine_guidance(job, halves[0], halves[1], step_index, t)
             elif job.do_cfg:
                 uncond, cond = noise.chunk(2)

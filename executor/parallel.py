@@ -22,6 +22,8 @@ from executor.device import local_device, now, seconds_since
 from executor.families import FamilyAdapter, GenerationRequest, adapter_for
 from executor.groups import ExecutorGroups, build_groups, init_distributed, launched_world_size
 from executor.loop import denoise
+from executor.pipefusion import prepare_stage, runs_patches, size_problems, stage_count_problems
+from executor.sp import enable_sequence_parallel
 
 # diffusers pipeline class -> the ditplan model id of its usual checkpoint (for plan="auto").
 _DEFAULT_MODEL_IDS = {
@@ -77,16 +79,13 @@ def model_problems(config: ParallelConfig, adapter: FamilyAdapter, model_id: str
     """
     problems: list[str] = []
     if model_id is not None:
+        from costmodel.rules import check_config
+        from costmodel.specs import load_model
+
         try:
-            from costmodel.rules import check_config
-            from costmodel.specs import load_model
-        except ImportError:
-            check_config = None
-        if check_config is not None:
-            try:
-                problems.extend(check_config(config, load_model(model_id), height, width, frames, steps, config.world_size))
-            except DitplanError:
-                pass  # no profile for this id: the checks below still apply
+            problems.extend(check_config(config, load_model(model_id), height, width, frames, steps, config.world_size))
+        except DitplanError:
+            pass  # no profile for this id: the checks below still apply
     transformer_config = adapter.transformer.config
     heads = int(transformer_config.num_attention_heads)
     if config.cfg == 2 and not adapter.uses_cfg(2.0):
@@ -94,8 +93,6 @@ def model_problems(config: ParallelConfig, adapter: FamilyAdapter, model_id: str
     if heads % config.ulysses:
         problems.append(f"ulysses={config.ulysses} does not divide the transformer's {heads} attention heads")
     if config.pipefusion > 1:
-        from executor.pipefusion import stage_count_problems
-
         problems.extend(stage_count_problems(adapter.transformer, adapter.family, config.pipefusion))
     return list(dict.fromkeys(problems))
 
@@ -169,13 +166,11 @@ class ParallelPipeline:
         self.last_timings = RunTimings()
         self.last_sizes: dict[str, Any] = {}
         self._sp_handle = None
-        if config.sp > 1 and not (config.pipefusion > 1 or config.uses_patches):
+        if config.sp > 1 and not runs_patches(config):
             self._sp_handle = _enable_sp(pipe.transformer, self.adapter.family, groups)
         if config.pipefusion > 1:
             # Drop the other stages' blocks now, before the first call (a no-op for a transformer
             # loaded as this stage alone).
-            from executor.pipefusion import prepare_stage
-
             prepare_stage(pipe.transformer, self.adapter.family, groups.coordinate("pipefusion"), config.pipefusion)
 
     def layout(self) -> str:
@@ -220,9 +215,7 @@ class ParallelPipeline:
                                   job.num_frames, job.num_steps)
         if self.config.cfg == 2 and not job.do_cfg:
             problems.append(f"cfg=2 but guidance_scale={job.guidance_scale} turns classifier-free guidance off")
-        if self.config.pipefusion > 1 or self.config.uses_patches:
-            from executor.pipefusion import size_problems
-
+        if runs_patches(self.config):
             problems.extend(size_problems(job, self.adapter, self.config))
         _refuse(self.config, problems)
         self.last_sizes = {"height": job.height, "width": job.width, "frames": job.num_frames,
@@ -320,10 +313,6 @@ def _progress_bar(total: int) -> Any:
 
 
 def _enable_sp(transformer: torch.nn.Module, family: str, groups: ExecutorGroups) -> Any:
-    try:
-        from executor.sp import enable_sequence_parallel
-    except ImportError as error:
-        raise DitplanError(f"sequence parallelism is not available in this build ({error}); use ulysses=1, ring=1.") from None
     return enable_sequence_parallel(transformer, family, groups.group("ulysses"), groups.group("ring"))
 
 

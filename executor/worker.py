@@ -3,8 +3,9 @@
 Loads the model (from a pipeline folder under PipeFusion: only this rank's stage of the
 transformer), binds it to the plan, generates, and on rank 0 writes the PNGs and run.json into a
 temporary folder that replaces --out only once everything is written. A user mistake (DitplanError)
-is printed by rank 0 only (every rank refuses alike) and exits 2; any other error is printed by the
-rank that raised it and exits 1, and torchrun then stops the other ranks. A rank that only lost its
+is printed by rank 0 only, which exits 2: every rank refuses alike, and the others leave quietly with
+0, so torchrun waits for rank 0's report and the job ends with its status. Any other error is
+printed by the rank that raised it, which exits 1, and torchrun then stops the other ranks. A rank that only lost its
 peers says so in one line instead of repeating an error that is not its own.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 from costmodel.errors import DitplanError
 
 PROG = "ditplan run"
-REFUSAL_GRACE_S = 60.0
 
 
 def _is_peer_loss(error: BaseException) -> bool:
@@ -207,13 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_worker(args)
     except DitplanError as error:
-        if rank == 0:
-            print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
-        else:
-            # Every rank refuses alike; rank 0 reports it. The others leave it time to do so: under
-            # torchrun the first rank to exit ends the job, and an early silent exit would hide the
-            # message. torchrun stops this rank as soon as rank 0 has exited.
-            time.sleep(REFUSAL_GRACE_S)
+        if rank != 0:
+            return 0  # rank 0 refuses alike and reports it; a failing exit here could end the job first
+        print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         return 130

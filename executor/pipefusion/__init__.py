@@ -26,7 +26,7 @@ from executor.pipefusion.pipeline import denoise_pipelined, stage_units
 from executor.pipefusion.sequential import denoise_sequential
 from executor.pipefusion.stages import StagedTransformer, staged
 
-__all__ = ["denoise", "prepare_stage", "size_problems", "stage_count_problems", "load_stage_transformer", "patch_job",
+__all__ = ["denoise", "runs_patches", "prepare_stage", "size_problems", "stage_count_problems", "load_stage_transformer", "patch_job",
            "denoise_pipelined", "denoise_sequential", "staged"]
 
 _STAGE_ATTR = "_ditplan_pipefusion_stage"
@@ -106,6 +106,11 @@ def patch_job(job: Any, adapter: Any) -> PatchJob:
     )
 
 
+def runs_patches(config: ParallelConfig) -> bool:
+    """Whether `config` runs the patch loop of this package (a pipeline, or patches in one process)."""
+    return config.pipefusion > 1 or config.uses_patches
+
+
 def _stages_of(transformer: torch.nn.Module, family: str) -> StagedTransformer:
     """The stage view of `transformer`: the one it was cut with, else a fresh one (cuts nothing)."""
     prepared = getattr(transformer, _STAGE_ATTR, None)
@@ -128,7 +133,7 @@ def size_problems(job: Any, adapter: Any, config: ParallelConfig) -> list[str]:
     """Why `config`'s patches cannot cut this job's image (empty: they can), from the shapes alone,
     so every rank finds the same before any collective: at least one token row per patch, and
     every patch's tokens splitting evenly over the sequence-parallel ranks."""
-    if not (config.pipefusion > 1 or config.uses_patches):
+    if not runs_patches(config):
         return []
     stages = _stages_of(adapter.transformer, job.family)
     try:
@@ -144,10 +149,6 @@ def denoise(job: Any, adapter: Any, transformer: torch.nn.Module, groups: Any, c
     """Final latents of `job` under PipeFusion (every rank of the pipeline gets them).
 
     `on_step(step_index, seconds)` is called when this rank has done its part of each step."""
-    if config.cfg == 2 and not job.do_cfg:
-        raise DitplanError(
-            f"configuration {config}: cfg=2 needs classifier-free guidance, but this {job.family} job has none; use cfg=1."
-        )
     pipe_ranks = groups.members("pipefusion") if groups is not None else [0]
     stage = groups.coordinate("pipefusion") if groups is not None else 0
     stages = prepare_stage(transformer, job.family, stage, config.pipefusion)

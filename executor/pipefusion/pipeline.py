@@ -244,8 +244,9 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     def guide(out: torch.Tensor, step_index: int, t: Any) -> torch.Tensor:
         if half is None:
             return job.guide(out, step_index, t)
+        out = out.contiguous()  # empty_like keeps strides: the received halves must be contiguous too
         parts = [torch.empty_like(out) for _ in cfg_ranks]
-        dist.all_gather(parts, out.contiguous(), group=cfg_group)
+        dist.all_gather(parts, out, group=cfg_group)
         return job.guide(torch.cat(parts), step_index, t)
 
     latents = job.latents.clone()
