@@ -31,13 +31,13 @@ import torch
 import torch.distributed as dist
 
 from costmodel.errors import DitplanError
-from executor.device import now, seconds_since
 from executor.pipefusion.hybrid import SequenceInStage
 from executor.pipefusion.job import PatchJob
 from executor.pipefusion.layout import patch_problems
 from executor.pipefusion.schedulers import PatchScheduler
 from executor.pipefusion.stages import Carry, StagedTransformer
 from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv
+from executor.steps import StepProgram, gather_cfg_halves, run_steps
 
 Spec = dict[str, tuple[int, ...]]
 
@@ -226,6 +226,14 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     degree 1); an SP rank exchanges with the rank of the same SP coordinates in the other stages.
     `on_step(step_index, seconds)`: called when this rank has done its part of each step.
     """
+    program = pipeline_steps(job, stages, pipe_ranks, pipe_group, patches, warmup, cfg_ranks, cfg_group, ulysses_group, ring_group)
+    return run_steps(program, len(job.timesteps), job.latents.device, on_step, dist.get_rank())
+
+
+def pipeline_steps(job: PatchJob, stages: StagedTransformer, pipe_ranks: list[int], pipe_group: Any,
+                   patches: int, warmup: int, cfg_ranks: list[int] | None = None, cfg_group: Any = None,
+                   ulysses_group: Any = None, ring_group: Any = None) -> StepProgram:
+    """The step program (executor.steps) of PipeFusion on this rank; see `denoise_pipelined`."""
     rank = dist.get_rank()
     stage, count = pipe_ranks.index(rank), len(pipe_ranks)
     first, last = stage == 0, stage == count - 1
@@ -244,10 +252,7 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     def guide(out: torch.Tensor, step_index: int, t: Any) -> torch.Tensor:
         if half is None:
             return job.guide(out, step_index, t)
-        out = out.contiguous()  # empty_like keeps strides: the received halves must be contiguous too
-        parts = [torch.empty_like(out) for _ in cfg_ranks]
-        dist.all_gather(parts, out, group=cfg_group)
-        return job.guide(torch.cat(parts), step_index, t)
+        return job.guide(torch.cat(gather_cfg_halves(out, cfg_group)), step_index, t)
 
     latents = job.latents.clone()
     x0 = model_input(latents, job.timesteps[0])
@@ -318,7 +323,7 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     handle = install_stale_kv(layers, state)
     try:
         exchange = TickExchange(pipe_ranks, pipe_group)
-        step_started, cond = 0.0, cond0
+        cond = cond0
         for _, sends, receives, j in schedule.timeline(stage):
             exchange.post(sends, [incoming(message) for message in receives], latents.device)
             if j is None:
@@ -326,7 +331,6 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
             i, m = items[j].step, items[j].patch
             t = job.timesteps[i]
             if m is None or m == 0:  # this step's first item
-                step_started = now(latents.device)
                 cond = stages.condition(x0, job.model_timestep(t, x0.shape[0]), kwargs)
             state.mode = "fill" if m is None else "patch"
             index = None if m is None else layout.token_index(m, latents.device)
@@ -368,8 +372,8 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
                     layout.put_latent(latents, m, result)
                 if j in schedule.returns:
                     exchange.stage(Message(j, stage, 0), {"latents": result}, latent_spec(m), strip_dtype)
-            if on_step is not None and (j + 1 == len(items) or items[j + 1].step != i):
-                on_step(i, seconds_since(step_started, latents.device))
+            if j + 1 == len(items) or items[j + 1].step != i:
+                yield  # this rank's part of step i is done
         exchange.flush()
         stages.stats = {"stage": stage, "units": (units.start, units.stop), "kv_buffer_bytes": state.buffer_bytes(),
                         "sent_bytes": exchange.sent_bytes}
