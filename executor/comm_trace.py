@@ -34,14 +34,27 @@ POINT_TO_POINT = {"send": "send", "isend": "send", "recv": "recv", "irecv": "rec
 
 
 class _Recorder:
-    """One rank's trace: group names by creation order, the open file, the batch in progress."""
+    """One rank's trace: group names by creation order, the open file (none when only a timeline
+    listens), the timeline timing each call (executor.timeline), the call in progress."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path | None) -> None:
         self.folder = folder
         self.names: dict[int, str] = {}
         self.created = 0
         self.file: Any = None
+        self.timeline: Any = None
         self.local = threading.local()
+
+    def call(self, name: str, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """`original(*args, **kwargs)`, timed on the timeline if one listens; calls it makes
+        underneath (object collectives, a group's sends) are not recorded again."""
+        self.local.inside = True
+        try:
+            if self.timeline is not None:
+                return self.timeline.communication(name, lambda: original(*args, **kwargs))
+            return original(*args, **kwargs)
+        finally:
+            self.local.inside = False
 
     def group_name(self, group: Any) -> str:
         if group is None or group is dist.GroupMember.WORLD:
@@ -49,6 +62,8 @@ class _Recorder:
         return self.names.get(id(group), "unknown")
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.folder is None:
+            return
         if self.file is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Line-buffered: the executor's workers leave with os._exit, which skips flushing.
@@ -145,11 +160,7 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
                 entry = _p2p_record(kind, p2p.tensor, p2p.peer, recorder.group_name(p2p.group))
                 entries.append(entry)
             recorder.write({"op": "batch", "ops": entries})
-            recorder.local.inside = True
-            try:
-                return original(*args, **kwargs)
-            finally:
-                recorder.local.inside = False
+            return recorder.call(name, original, args, kwargs)
         call = signature.bind(*args, **kwargs)
         if name in POINT_TO_POINT:
             group = call.arguments.get("group")
@@ -159,11 +170,7 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
             record = _collective_record(name, call)
             record["group"] = recorder.group_name(record["group"])
         recorder.write(record)
-        recorder.local.inside = True  # object collectives call tensor collectives underneath
-        try:
-            return original(*args, **kwargs)
-        finally:
-            recorder.local.inside = False
+        return recorder.call(name, original, args, kwargs)
 
     recorded.__ditplan_recorded__ = True  # type: ignore[attr-defined]
     return recorded
@@ -172,12 +179,15 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
 _WRAPPED = ("init_process_group", "new_group", "batch_isend_irecv", *POINT_TO_POINT, *COLLECTIVES, *OBJECT_COLLECTIVES)
 
 
-def install(folder: str | Path) -> None:
-    """Start recording this process's torch.distributed calls into `folder` (idempotent)."""
+def install(folder: str | Path | None) -> None:
+    """Start recording this process's torch.distributed calls into `folder` (None: wrap them for a
+    timeline only; idempotent, a later folder replaces None)."""
     global _recorder
     if _recorder is not None:
+        if folder is not None and _recorder.folder is None:
+            _recorder.folder = Path(folder)
         return
-    _recorder = _Recorder(Path(folder))
+    _recorder = _Recorder(Path(folder) if folder is not None else None)
     for name in _WRAPPED:
         original = getattr(c10d, name)
         if getattr(original, "__ditplan_recorded__", False):
@@ -186,6 +196,13 @@ def install(folder: str | Path) -> None:
         # Both namespaces: P2POp and batch_isend_irecv compare against distributed_c10d's isend/irecv.
         setattr(c10d, name, wrapped)
         setattr(dist, name, wrapped)
+
+
+def listen(timeline: Any) -> None:
+    """Time every torch.distributed call on `timeline` (its `communication(name, call)`); None stops."""
+    install(None)
+    assert _recorder is not None
+    _recorder.timeline = timeline
 
 
 def install_from_environment() -> None:

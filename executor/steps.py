@@ -19,7 +19,8 @@ from typing import Callable, Generator
 import torch
 import torch.distributed as dist
 
-from executor.device import now, seconds_since
+from executor.device import now
+from executor.timeline import active as active_timeline
 
 FAIL_AT_ENV = "DITPLAN_FAIL_AT"
 
@@ -54,8 +55,12 @@ def run_steps(program: StepProgram, steps: int, device: torch.device,
                     raise InjectedFailure(f"injected failure at step {index} ({FAIL_AT_ENV}={os.environ[FAIL_AT_ENV]})")
                 started = now(device)
                 next(program)
+                finished = now(device)
+                timeline = active_timeline()
+                if timeline is not None:
+                    timeline.step(index, started, finished)
                 if on_step is not None:
-                    on_step(index, seconds_since(started, device))
+                    on_step(index, finished - started)
             try:
                 next(program)
             except StopIteration as done:

@@ -10,6 +10,7 @@ peers says so in one line instead of repeating an error that is not its own.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -128,12 +129,32 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
+def _write_trace(path: Path, timeline: Any, rank: int, world_size: int) -> None:
+    """Every rank's measured events, gathered on rank 0 and written there as one Chrome trace."""
+    import torch.distributed as dist
+
+    from executor.timeline import RankTimeline, track_names
+
+    every_rank = [timeline]
+    if world_size > 1:
+        every_rank = [None] * world_size if rank == 0 else None
+        dist.gather_object(timeline.events, every_rank, dst=0)
+        if rank != 0:
+            return
+        every_rank = [RankTimeline(timeline.device, events) for events in every_rank]
+    origin = min((start for t in every_rank for _, _, _, start, _ in t.events), default=0.0)
+    events = [event for r, t in enumerate(every_rank) for event in t.chrome_events(r, origin)] + track_names(world_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+
+
 def run_worker(args: Any) -> int:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from executor.parallel import parallelize
+    from executor.timeline import RUN_TRACE_ENV, recording
 
     started = time.perf_counter()
     pipe = load_pipeline(args.model, args.plan)
@@ -143,16 +164,22 @@ def run_worker(args: Any) -> int:
     rank = parallel.rank
     if args.print_layout and rank == 0:
         print(parallel.layout(), flush=True)
-    output = parallel(
-        prompt=prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-        num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-        output_type="pil",
-    )
+    trace_path = os.environ.get(RUN_TRACE_ENV)
+    with recording(parallel.device) if trace_path else contextlib.nullcontext() as timeline:
+        output = parallel(
+            prompt=prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+            num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+            output_type="pil",
+        )
     timings = parallel.last_timings.to_dict()
+    if timeline is not None:
+        timings["timeline"] = timeline.totals()
     every_rank = [timings]
     if parallel.groups.world_size > 1:
         every_rank = [None] * parallel.groups.world_size if rank == 0 else None
         dist.gather_object(timings, every_rank, dst=0)
+    if timeline is not None:
+        _write_trace(Path(trace_path), timeline, rank, parallel.groups.world_size)
     if rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

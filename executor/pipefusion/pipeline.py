@@ -38,6 +38,7 @@ from executor.pipefusion.schedulers import PatchScheduler
 from executor.pipefusion.stages import Carry, StagedTransformer
 from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv
 from executor.steps import StepProgram, gather_cfg_halves, run_steps
+from executor.timeline import active as active_timeline
 
 Spec = dict[str, tuple[int, ...]]
 
@@ -205,7 +206,11 @@ class TickExchange:
 
     def receive(self, message: Message) -> Carry:
         buffer, spec, posted = self._incoming.pop(message)
-        posted.wait()
+        timeline = active_timeline()
+        if timeline is None:
+            posted.wait()
+        else:
+            timeline.waiting(f"wait for stage {message.source}", posted.wait)
         return _unpack(buffer, spec)
 
     def flush(self) -> None:
