@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-# Block shapes (MECHANICS.md): rows = batch x tokens through the projections; a block's GEMMs are
+# Block shapes as the cost model counts them: rows = batch x tokens through the projections; a block's GEMMs are
 # (rows x h) @ (h x n) with n in {h, 3h, 4h} and the MLP's (rows x 4h) @ (4h x h). Rows from a
 # PipeFusion patch of a small image (32) up to a CFG batch of a large one (8192).
 GEMM_ROWS = (32, 128, 512, 2048, 8192)

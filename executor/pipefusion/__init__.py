@@ -1,4 +1,4 @@
-"""PipeFusion: patch-level pipeline parallelism with stale K/V (issue 5).
+"""PipeFusion: patch-level pipeline parallelism with stale K/V.
 
 `step_program(job, adapter, transformer, groups, config)` is how the executor's loop computes the
 steps of configurations with `pipefusion > 1` or `patches > 1` (`runs_patches`); see `pipeline` (the distributed patch

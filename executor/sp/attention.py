@@ -4,7 +4,7 @@ Layout everywhere: [batch, heads, tokens, head_dim]. Image tokens are split over
 with Ulysses index j and Ring index i holds chunk i*u + j of the sequence); text tokens of joint
 attention (MM-DiT) are held whole by every rank and never sent.
 
-How the pieces combine (MECHANICS.md):
+How the pieces combine (docs/executor.md):
 * Ulysses (group of u): all-to-all Q, K, V from all heads of my tokens to H/u heads of all the
   group's tokens; attend; all-to-all back. Text Q/K/V are sliced to the same H/u heads locally, and
   the text output is all-gathered over heads afterwards.

@@ -1,4 +1,4 @@
-"""CFG, data and sequence parallel pipelines against the serial loop, per family (issue 4 Must-show).
+"""CFG, data and sequence parallel pipelines against the serial loop, per family.
 
 Two process groups do every check: one of 2 ranks (CFG 2, DP 2, Ulysses 2, Ring 2 for all six
 families, and a refusal), one of 4 ranks (CFG 2 x DP 2, CFG 2 x Ulysses 2, USP 2x2 for all six; Ring 4

@@ -1,4 +1,4 @@
-"""Distributed PipeFusion against the one-process references (issue 5, Must show 1, 2 and 5).
+"""Distributed PipeFusion against the one-process references.
 
 Two spawns only (a process start with torch + diffusers costs seconds): one of 2 ranks runs every
 pipefusion-2 case of every family, one of 4 ranks every pipefusion-4, pipefusion-2 x Ulysses-2,

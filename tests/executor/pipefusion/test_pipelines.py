@@ -1,4 +1,4 @@
-"""PipeFusion on the executor's tiny diffusers pipelines (issue 5, Must show 1-3), end to end:
+"""PipeFusion on the executor's tiny diffusers pipelines, end to end:
 `executor.parallelize(pipe, plan=...)` under 2 processes against the one-process loops."""
 from __future__ import annotations
 
