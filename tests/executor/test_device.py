@@ -131,7 +131,6 @@ def test_nccl_errors_and_timeouts_are_reported_as_they_are(monkeypatch, capsys, 
         raise RuntimeError(message)
 
     monkeypatch.setattr(worker, "run_worker", failing)
-    monkeypatch.setattr(worker, "build_parser", None, raising=False)
     monkeypatch.setattr("executor.launch.build_parser", lambda: SimpleNamespace(parse_args=lambda argv: None))
     assert worker.main([]) == 1
     err = capsys.readouterr().err
@@ -219,3 +218,17 @@ def test_no_per_layer_path_copies_indices_to_the_host():
     found = [f"{path.name}: {line.strip()}" for path in hot for line in path.read_text().splitlines()
              if re.search(r"\.(item|tolist|cpu)\(\)", line)]
     assert found == []
+
+
+@pytest.mark.parametrize("rank, code, printed", [(0, 2, True), (1, 0, False)])
+def test_a_refusal_is_printed_by_rank_0_and_the_others_leave_at_once(monkeypatch, capsys, rank, code, printed):
+    def refusing(args):
+        raise DitplanError("plan ulysses=3 cannot run this model: 3 does not divide 4 heads.")
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(worker, "run_worker", refusing)
+    monkeypatch.setattr("executor.launch.build_parser", lambda: SimpleNamespace(parse_args=lambda argv: None))
+    started = time.monotonic()
+    assert worker.main([]) == code
+    assert time.monotonic() - started < 5
+    assert ("error: plan ulysses=3" in capsys.readouterr().err) == printed
