@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from executor.device import synchronize
+from executor.device import now
 
 RUN_TRACE_ENV = "DITPLAN_RUN_TRACE"
 COMPUTE_TRACK, COMMUNICATION_TRACK = 0, 1
@@ -34,17 +34,16 @@ class RankTimeline:
 
     device: torch.device
     events: list[tuple[str, str, int, float, float]] = field(default_factory=list)
-    # perf_counter readings to epoch seconds: ranks on several nodes share the wall clock, not perf_counter.
-    offset: float = field(default_factory=lambda: time.time() - time.perf_counter())
+    # Clock readings (executor.device.now) to epoch seconds: ranks on several nodes share the wall
+    # clock, not the monotonic one.
+    offset: float = field(default_factory=lambda: time.time() - now(torch.device("cpu")))
 
     def _timed(self, name: str, category: str, track: int, call: Callable[[], Result]) -> Result:
-        synchronize(self.device)
-        started = time.perf_counter()
+        started = now(self.device)
         try:
             return call()
         finally:
-            synchronize(self.device)
-            self.events.append((name, category, track, started + self.offset, time.perf_counter() + self.offset))
+            self.events.append((name, category, track, started + self.offset, now(self.device) + self.offset))
 
     def communication(self, name: str, call: Callable[[], Result]) -> Result:
         return self._timed(name, "communication", COMMUNICATION_TRACK, call)
@@ -53,7 +52,7 @@ class RankTimeline:
         return self._timed(name, "waiting", COMPUTE_TRACK, call)
 
     def step(self, index: int, started: float, finished: float) -> None:
-        """A denoising step measured by the step loop (perf_counter readings, device synchronised)."""
+        """A denoising step measured by the step loop (executor.device.now readings)."""
         self.events.append((f"step {index}", "compute", COMPUTE_TRACK, started + self.offset, finished + self.offset))
 
     def totals(self) -> dict[str, float]:
