@@ -55,6 +55,7 @@ def worker(model: str, mode: str, steps: int, size: int, out: Path) -> None:
         import torch.distributed as dist
         from diffusers import ContextParallelConfig
 
+        from executor.device import now
         from executor.groups import init_distributed
 
         init_distributed("gloo")
@@ -63,11 +64,11 @@ def worker(model: str, mode: str, steps: int, size: int, out: Path) -> None:
         marks: list[float] = []
 
         def on_step_end(pipeline, step, timestep, tensors):
-            marks.append(time.perf_counter())
+            marks.append(now(pipe.device))  # once the device has done the step
             return tensors
 
         # The generator matches our executor's seeding: prompt 0 uses seed 0.
-        started = time.perf_counter()
+        started = now(pipe.device)
         with torch.no_grad():
             latents = pipe(**call, generator=torch.Generator().manual_seed(0), callback_on_step_end=on_step_end).images
         step_s = [b - a for a, b in zip([started] + marks[:-1], marks)]

@@ -8,18 +8,26 @@ For a machine with an NVIDIA H100 or H200 (not run in CI). It
    1024x1024 and 2048x2048 (CFG batch of 2), Flux's double (joint) and single blocks at 1024x1024;
 3. times each block and prints measured vs predicted by the built-in hardware profile
    (h100-sxm-nvlink-8 / h200-sxm-nvlink-8, datasheet rooflines) and vs the GPU's own measured
-   operator tables, and writes the report with the date and the device to --out.
+   operator tables, and writes the report with the date and the device to --out;
+4. where two GPUs are visible, runs the executor on 2 ranks over NCCL (CFG, DP, Ulysses, Ring and
+   PipeFusion on the tiny PixArt pipeline), compares each plan's final latents with the one-process
+   loop, and replays the ranks' recorded calls under NCCL's rules (executor.nccl_rules). With one
+   GPU it says so and skips this part.
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check-<device>-<date>.txt]
 
-Runs in about a minute on an H100. `--smoke` runs the same code on the CPU at toy size (tests).
+Runs in about a minute on an H100. `--smoke` runs the same code on the CPU at toy size, and the
+2-rank check on two CPU processes over gloo (tests). `--ranks-only` runs only the 2-rank check.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
+import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,13 +170,100 @@ def write_operation_profile(path: Path, cluster_id: str) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- the 2-rank check
+
+TWO_RANK_PLANS = ("cfg=2", "dp=2", "ulysses=2", "ring=2", "pipefusion=2,patches=2,warmup=1")
+TWO_RANK_MODEL = "tiny-pixart-alpha"
+TWO_RANK_PROMPTS = ["a photo of a cat", "a red car at night"]
+TWO_RANK_STEPS = 3
+# fp32 tiny model: kernels and reduction orders differ between one and two GPUs by rounding only.
+TWO_RANK_TOLERANCE = 1e-3
+
+
+def _reference_latents(plan: str, device: str):
+    """Final latents of the one-process loop for `plan`'s algorithm (patch-sequential for PipeFusion)."""
+    import torch
+
+    from costmodel.config import ParallelConfig
+    from executor.families import GenerationRequest, adapter_for
+    from executor.loop import denoise
+    from executor.tiny import build_tiny_pipeline
+
+    config = ParallelConfig.parse(plan)
+    adapter = adapter_for(build_tiny_pipeline(TWO_RANK_MODEL, seed=0).to(device))
+    request = GenerationRequest(prompts=TWO_RANK_PROMPTS, num_inference_steps=TWO_RANK_STEPS,
+                                generators=[torch.Generator().manual_seed(i) for i in range(len(TWO_RANK_PROMPTS))])
+    job = adapter.prepare(request)
+    with torch.no_grad():
+        return denoise(job, adapter, ParallelConfig(patches=config.patches, warmup=config.warmup))
+
+
+def _two_rank_worker(rank: int, port: int, backend: str, folder: str, results: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DITPLAN_COLLECTIVE_TIMEOUT_S="120")
+    import torch
+
+    from executor.comm_trace import install
+
+    install(folder)
+    from executor import parallelize
+    from executor.tiny import build_tiny_pipeline
+
+    torch.set_num_threads(1)
+    rows = []
+    for plan in TWO_RANK_PLANS:
+        parallel = parallelize(build_tiny_pipeline(TWO_RANK_MODEL, seed=0), plan=plan, backend=backend, show_progress=False)
+        output = parallel(prompt=TWO_RANK_PROMPTS, num_inference_steps=TWO_RANK_STEPS, seed=0, output_type="latent")
+        parallel.close()
+        if rank == 0:
+            reference = _reference_latents(plan, str(parallel.device))
+            rows.append({"plan": plan, "max_abs": (output.images.to(reference.device) - reference).abs().max().item(),
+                         "loop_s": parallel.last_timings.loop_s})
+    if rank == 0:
+        Path(results).write_text(json.dumps(rows))
+
+
+def two_rank_check(backend: str) -> list[str]:
+    """Report lines of the 2-rank check over `backend` (see the module docstring, step 4)."""
+    import torch.multiprocessing as mp
+
+    from executor.nccl_rules import check
+
+    with tempfile.TemporaryDirectory() as work:
+        folder, results = Path(work) / "communication", Path(work) / "results.json"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_two_rank_worker, args=(port, backend, str(folder), str(results)), nprocs=2, join=True)
+        rows = json.loads(results.read_text())
+        findings = check(folder)
+    lines = [f"2-rank check over {backend}: {TWO_RANK_MODEL}, {TWO_RANK_STEPS} steps, {len(TWO_RANK_PROMPTS)} prompts",
+             f"{'plan':36s} {'max |latents - one process|':>28s} {'loop s':>8s}  result"]
+    for row in rows:
+        verdict = "ok" if row["max_abs"] <= TWO_RANK_TOLERANCE else f"DIFFERS (> {TWO_RANK_TOLERANCE})"
+        lines.append(f"{row['plan']:36s} {row['max_abs']:28.2e} {row['loop_s']:8.3f}  {verdict}")
+    lines.append("NCCL rules on the recorded calls: " + ("no finding" if not findings else f"{len(findings)} finding(s)"))
+    lines += [f"  {finding}" for finding in findings[:5]]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="report file (default: benchmarks/results/gpu_check-<device>-<date>.txt)")
     parser.add_argument("--smoke", action="store_true", help="run the blocks at toy size on the CPU (checks the code only)")
+    parser.add_argument("--ranks-only", action="store_true", help="run only the 2-rank check (NCCL on 2 GPUs; gloo with --smoke)")
     args = parser.parse_args(argv)
 
     import torch
+
+    gpus = 0 if args.smoke else torch.cuda.device_count()
+    if args.smoke or gpus >= 2:
+        rank_lines = two_rank_check("gloo" if args.smoke else "nccl")
+    else:
+        rank_lines = [f"2-rank NCCL check: not run; this machine has {gpus} visible GPU(s) and the check needs two."]
+    if args.ranks_only:
+        print("\n".join(rank_lines))
+        return 0 if not any("DIFFERS" in line or "finding(s)" in line for line in rank_lines) else 1
 
     if args.smoke:
         device, dtype, scale, device_name, cluster_id = "cpu", torch.float32, 0.125, "CPU (smoke run)", "h100-sxm-nvlink-8"
@@ -205,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{(builtin / measured - 1) * 100:+7.1f}% {from_ops * 1e3:8.2f}ms {(from_ops / measured - 1) * 100:+7.1f}%")
     if args.smoke:
         lines.append("(smoke run: toy-size blocks on the CPU; the predictions are for the real sizes on an H100)")
+    lines += ["", *rank_lines]
     report = "\n".join(lines)
     print(report)
     if not args.smoke:

@@ -53,6 +53,7 @@ def worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from executor import parallelize
+    from executor.device import peak_memory_bytes, reset_peak_memory
     from executor.pipefusion.partition import parameter_count
     from executor.tiny import build_tiny_pipeline
 
@@ -62,6 +63,7 @@ def worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     for plan in plans:
         parallel = parallelize(pipe, plan=plan, show_progress=False)
         rss_before = _rss_bytes()
+        reset_peak_memory(parallel.device)
         times, cpu = [], []
         for _ in range(args["repeats"] + 1):  # the first call warms up (allocations, kernels)
             cpu_started = time.process_time()
@@ -76,6 +78,8 @@ def worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
             "params": parameter_count(pipe.transformer), "kv_bytes": stats.get("kv_buffer_bytes", 0),
             "sent_bytes": stats.get("sent_bytes", 0), "units": stats.get("units"),
             "rss_before_gib": rss_before / 2**30, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            # On a GPU the allocator's peak is the memory figure (the host's RSS holds no activations there).
+            "peak_gpu_gib": (peak_memory_bytes(parallel.device) or 0) / 2**30 if parallel.device.type == "cuda" else None,
         })
     Path(f"{out}.{world}.{rank}").write_text(json.dumps(rows))
 
@@ -131,20 +135,21 @@ def main() -> None:
     print(f"{BASE}-heavy: {args.layers} blocks, head_dim {args.head_dim}, {args.size}x{args.size} px, {args.steps} steps, CFG on, fp32, "
           f"1 thread per process (wall {time.perf_counter() - started:.0f} s)")
     print(f"{'plan':<32}{'rank':>5}{'loop s':>9}{'speedup':>9}{'cpu s':>8}{'cpu ×':>7}{'params M':>10}{'pred M':>8}{'KV MiB':>8}"
-          f"{'pred MiB':>9}{'sent MiB':>9}{'RSS GiB':>9}")
+          f"{'pred MiB':>9}{'sent MiB':>9}{'RSS GiB':>9}{'GPU GiB':>9}")
     for r in rows:
         mem = predicted[r["plan"]]
         pred_params = mem["params_gib"] * 2**30 / 4 / 1e6  # the YAML's dtype_bytes is 4 (fp32)
         speedup = serial / r["loop_s"] if r["loop_s"] else float("nan")
         print(f"{r['plan']:<32}{r['rank']:>5}{r['loop_s']:>9.2f}{speedup:>9.2f}{r['cpu_s']:>8.2f}{serial_cpu / busiest[r['plan']]:>7.2f}"
               f"{r['params'] / 1e6:>10.2f}{pred_params:>8.2f}{r['kv_bytes'] / 2**20:>8.1f}{mem['kv_buffers_gib'] * 1024:>9.1f}"
-              f"{r['sent_bytes'] / 2**20:>9.1f}{r['peak_rss_gib']:>9.2f}")
+              f"{r['sent_bytes'] / 2**20:>9.1f}{r['peak_rss_gib']:>9.2f}"
+              f"{'-' if r['peak_gpu_gib'] is None else format(r['peak_gpu_gib'], '.2f'):>9}")
     print("speedup: serial loop seconds / this plan's (wall clock). cpu s: CPU seconds this process spent in the loop;\n"
           "cpu ×: serial CPU seconds / the busiest rank's, the speedup the split allows when every process has a core\n"
           "to itself (it ignores waiting, so it bounds the wall-clock speedup from above on a loaded machine).\n"
           "params M: transformer parameters kept on the rank (pred: the cost model's params part, max over stages);\n"
           "KV MiB: stale K/V buffers held (pred: kv_buffers part); RSS: peak resident memory of the whole process "
-          "(text encoder, VAE, Python and torch included).")
+          "(text encoder, VAE, Python and torch included); GPU: the allocator's peak on a GPU (- on the CPU).")
 
 
 if __name__ == "__main__":

@@ -98,14 +98,17 @@ def worker(args: argparse.Namespace) -> None:
         groups = {axis: (dist.new_group(placement.groups(axis)[0]) if placement.config.degree(axis) > 1 else None)
                   for axis in ("ulysses", "ring")}
         enable_sequence_parallel(model, args.family, groups["ulysses"], groups["ring"])
+    from executor.device import now, seconds_since
+
+    output_device = next(model.parameters()).device
     times = []
     with torch.no_grad():
         for _ in range(args.repeats + 1):
             if world > 1:
                 dist.barrier()
-            started, cpu_started = time.perf_counter(), time.process_time()
+            started, cpu_started = now(output_device), time.process_time()
             output = model(**kwargs)[0]
-            times.append((time.perf_counter() - started, time.process_time() - cpu_started))
+            times.append((seconds_since(started, output_device), time.process_time() - cpu_started))
     if args.rank == 0:
         reference = Path(args.result).with_name(f"{args.family}-serial.pt")
         if world == 1:

@@ -3,7 +3,9 @@
 `new_group` is collective over the whole world and must be called by every rank in the same order,
 so every rank creates every group of every axis (in `costmodel.config.AXES` order, each axis's
 groups in `Placement.groups(axis)` order) and keeps the ones that hold it. Axes of degree 1 get no
-group (None). gloo on CPU, NCCL on CUDA.
+group (None). gloo on CPU, NCCL on CUDA: there every rank binds its GPU (LOCAL_RANK) before joining,
+and joins with `device_id`, so NCCL creates each group's communicator when the group is created
+(in the same order on every rank) rather than lazily at its first use.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import torch.distributed as dist
 
 from costmodel.config import AXES, ParallelConfig, Placement
 from costmodel.errors import DitplanError
+from executor.device import check_visible_gpus, local_device
 
-# A collective that waits longer than this is treated as a hang; a real model's slowest phase
-# between two collectives (text encoding or VAE decode on one rank) stays well under it.
-DEFAULT_TIMEOUT_S = float(os.environ.get("DITPLAN_COLLECTIVE_TIMEOUT_S", "600"))
+# A collective that waits longer than this is treated as a hang and the job stops with the
+# collective named; a real model's slowest phase between two collectives (text encoding or VAE
+# decode on one rank) stays well under it.
+DEFAULT_TIMEOUT_S = float(os.environ.get("DITPLAN_COLLECTIVE_TIMEOUT_S", "180"))
 
 
 def launched_world_size() -> int:
@@ -41,7 +45,11 @@ def default_backend() -> str:
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Join torchrun's process group (env:// rendezvous) unless already joined or alone."""
+    """Bind this rank's GPU (any CUDA run) and join torchrun's process group (env:// rendezvous)
+    unless already joined or alone."""
+    if torch.cuda.is_available():
+        check_visible_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.cuda.set_device(local_device())
     if launched_world_size() == 1 or dist.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ:
@@ -50,9 +58,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
             "(or `ditplan run --nproc N`), which sets the rendezvous variables."
         )
     backend = backend or default_backend()
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise DitplanError("--backend nccl needs CUDA GPUs, and none is visible here; use --backend gloo.")
+    # device_id binds the GPU: NCCL then creates every group's communicator eagerly, at new_group.
+    device_id = local_device() if backend == "nccl" else None
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
-from costmodel.files import check_output_folder
+from costmodel.files import check_output, check_output_folder
 
 PROG = "ditplan run"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -175,6 +175,12 @@ def preflight(args: argparse.Namespace) -> tuple[ParallelConfig, Placement, str]
         if problems:
             raise DitplanError(f"plan {config} cannot run {args.model} at {args.width}x{args.height}: "
                                + "; ".join(problems) + ".")
+    if args.trace:
+        # The workers write it at the end; an unwritable path is refused now, not after the run.
+        args.trace = str(check_output(args.trace, "--trace").resolve())
+    from executor.device import check_visible_gpus
+
+    check_visible_gpus(args.nproc // args.nnodes)
     return config, placement, plan_path or str(config)
 
 
@@ -270,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             try:
                 _, _, plan = preflight(args)
+                if args.trace:
+                    from executor.timeline import RUN_TRACE_ENV
+
+                    os.environ[RUN_TRACE_ENV] = args.trace
                 if args.nproc == 1 and args.nnodes == 1:
                     from executor.worker import main as worker_main
 

@@ -9,7 +9,6 @@ whatever the plan, data-parallel splits included.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +17,12 @@ import torch.distributed as dist
 
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
+from executor.device import local_device, now, seconds_since
 from executor.families import FamilyAdapter, GenerationRequest, adapter_for
 from executor.groups import ExecutorGroups, build_groups, init_distributed, launched_world_size
 from executor.loop import denoise
+from executor.pipefusion import prepare_stage, runs_patches, size_problems, stage_count_problems
+from executor.sp import enable_sequence_parallel
 
 # diffusers pipeline class -> the ditplan model id of its usual checkpoint (for plan="auto").
 _DEFAULT_MODEL_IDS = {
@@ -32,7 +34,8 @@ _DEFAULT_MODEL_IDS = {
 
 @dataclass
 class RunTimings:
-    """Wall-clock seconds of the last call on this rank, per phase."""
+    """Wall-clock seconds of the last call on this rank, per phase (each ends once the device has
+    finished the phase's work)."""
 
     prepare_s: float = 0.0
     loop_s: float = 0.0
@@ -90,8 +93,6 @@ def model_problems(config: ParallelConfig, adapter: FamilyAdapter, model_id: str
     if heads % config.ulysses:
         problems.append(f"ulysses={config.ulysses} does not divide the transformer's {heads} attention heads")
     if config.pipefusion > 1:
-        from executor.pipefusion import stage_count_problems
-
         problems.extend(stage_count_problems(adapter.transformer, adapter.family, config.pipefusion))
     return list(dict.fromkeys(problems))
 
@@ -114,17 +115,16 @@ class ParallelPipeline:
         self.plan = plan
         self.model_id = model_id
         self.rank = groups.rank
+        self.device = local_device()
         self.show_progress = (self.rank == 0) if show_progress is None else (show_progress and self.rank == 0)
         self.last_timings = RunTimings()
         self.last_sizes: dict[str, Any] = {}
         self._sp_handle = None
-        if config.sp > 1 and not (config.pipefusion > 1 or config.uses_patches):
+        if config.sp > 1 and not runs_patches(config):
             self._sp_handle = _enable_sp(pipe.transformer, self.adapter.family, groups)
         if config.pipefusion > 1:
             # Drop the other stages' blocks now, before the first call (a no-op for a transformer
             # loaded as this stage alone).
-            from executor.pipefusion import prepare_stage
-
             prepare_stage(pipe.transformer, self.adapter.family, groups.coordinate("pipefusion"), config.pipefusion)
 
     def layout(self) -> str:
@@ -157,8 +157,10 @@ class ParallelPipeline:
                  output_type: str = "pil", num_frames: int | None = None, seed: int | None = None,
                  return_dict: bool = True) -> Any:
         """Generate; rank 0 returns the pipeline-like output (`.images` or `.frames`), other ranks None."""
-        started = time.perf_counter()
+        started = now(self.device)
         timings = RunTimings()
+        if self._sp_handle is not None:
+            self._sp_handle.new_generation()
         request = self._request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
                                 guidance_scale, generator, seed, output_type)
         job = self.adapter.prepare(request)
@@ -167,19 +169,17 @@ class ParallelPipeline:
                                   job.num_frames, job.num_steps)
         if self.config.cfg == 2 and not job.do_cfg:
             problems.append(f"cfg=2 but guidance_scale={job.guidance_scale} turns classifier-free guidance off")
-        if self.config.pipefusion > 1 or self.config.uses_patches:
-            from executor.pipefusion import size_problems
-
+        if runs_patches(self.config):
             problems.extend(size_problems(job, self.adapter, self.config))
         _refuse(self.config, problems)
         self.last_sizes = {"height": job.height, "width": job.width, "frames": job.num_frames,
                            "steps": job.num_steps, "guidance_scale": job.guidance_scale}
         share = _dp_share(len(request.prompts), self.config.dp, self.groups.coordinate("dp"))
         local = job.subset(share) if self.config.dp > 1 else job
-        timings.prepare_s = time.perf_counter() - started
+        timings.prepare_s = seconds_since(started, self.device)
 
         latents = None
-        loop_started = time.perf_counter()
+        loop_started = now(self.device)
         if share:
             progress = _progress_bar(local.num_steps) if self.show_progress else None
 
@@ -193,20 +193,20 @@ class ParallelPipeline:
             finally:
                 if progress is not None:
                     progress.close()
-        timings.loop_s = time.perf_counter() - loop_started
+        timings.loop_s = seconds_since(loop_started, self.device)
 
-        decode_started = time.perf_counter()
+        decode_started = now(self.device)
         leader = self.groups.replica_leader
         result = None
         if share and leader and latents is not None:
             result = self.adapter.decode(local, latents, output_type)
-        timings.decode_s = time.perf_counter() - decode_started
+        timings.decode_s = seconds_since(decode_started, self.device)
 
-        gather_started = time.perf_counter()
+        gather_started = now(self.device)
         if self.config.dp > 1:
             result = self._gather_replicas(result if leader else None)
-        timings.gather_s = time.perf_counter() - gather_started
-        timings.end_to_end_s = time.perf_counter() - started
+        timings.gather_s = seconds_since(gather_started, self.device)
+        timings.end_to_end_s = seconds_since(started, self.device)
         self.last_timings = timings
         if self.rank != 0:
             return None
@@ -215,9 +215,10 @@ class ParallelPipeline:
         return ParallelOutput(frames=result) if self.adapter.is_video else ParallelOutput(images=result)
 
     def _gather_replicas(self, local: Any) -> Any:
-        """Replica leaders' outputs, in dp order, merged on rank 0 (one object gather)."""
+        """Replica leaders' outputs, in dp order, merged on rank 0 (one object gather). Tensors travel
+        from the CPU: rank 0 would unpickle a GPU tensor onto the sender's device."""
         gathered: list[Any] | None = [None] * self.groups.world_size if self.rank == 0 else None
-        dist.gather_object(local, gathered, dst=0)
+        dist.gather_object(_on_host(local), gathered, dst=0)
         if self.rank != 0:
             return None
         parts = [gathered[r] for r in self.groups.replica_leaders() if gathered[r] is not None]
@@ -228,6 +229,15 @@ class ParallelPipeline:
         if self._sp_handle is not None:
             self._sp_handle.remove()
             self._sp_handle = None
+
+
+def _on_host(value: Any) -> Any:
+    """`value` with every tensor in it copied to the CPU (lists and tuples of them too)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(item) for item in value)
+    return value
 
 
 def _merge(parts: list[Any]) -> Any:
@@ -258,10 +268,6 @@ def _progress_bar(total: int) -> Any:
 
 
 def _enable_sp(transformer: torch.nn.Module, family: str, groups: ExecutorGroups) -> Any:
-    try:
-        from executor.sp import enable_sequence_parallel
-    except ImportError as error:
-        raise DitplanError(f"sequence parallelism is not available in this build ({error}); use ulysses=1, ring=1.") from None
     return enable_sequence_parallel(transformer, family, groups.group("ulysses"), groups.group("ring"))
 
 

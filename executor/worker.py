@@ -3,12 +3,14 @@
 Loads the model (from a pipeline folder under PipeFusion: only this rank's stage of the
 transformer), binds it to the plan, generates, and on rank 0 writes the PNGs and run.json into a
 temporary folder that replaces --out only once everything is written. A user mistake (DitplanError)
-is printed by rank 0 only (every rank refuses alike) and exits 2; any other error is printed by the
-rank that raised it and exits 1, and torchrun then stops the other ranks. A rank that only lost its
+is printed by rank 0 only, which exits 2: every rank refuses alike, and the others leave quietly with
+0, so torchrun waits for rank 0's report and the job ends with its status. Any other error is
+printed by the rank that raised it, which exits 1, and torchrun then stops the other ranks. A rank that only lost its
 peers says so in one line instead of repeating an error that is not its own.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -22,18 +24,19 @@ from typing import Any
 from costmodel.errors import DitplanError
 
 PROG = "ditplan run"
-REFUSAL_GRACE_S = 60.0
 
 
 def _is_peer_loss(error: BaseException) -> bool:
-    """True for errors raised because another rank died (closed connections, aborted collectives)."""
+    """True for errors raised here only because another rank died: its connections closed under a
+    gloo collective. An NCCL error or a collective timeout is this rank's own news and is reported
+    as it is (a timeout names the collective that hung)."""
     import torch.distributed as dist
 
-    if isinstance(error, getattr(dist, "DistError", ())):
+    if isinstance(error, dist.DistNetworkError):
         return True
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        marker in text for marker in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out"))
+    return isinstance(error, RuntimeError) and "nccl" not in text and any(
+        marker in text for marker in ("connection closed", "connection reset", "broken pipe"))
 
 
 def _stage_transformer(folder: Path, plan: str, dtype: Any) -> dict[str, Any]:
@@ -67,14 +70,26 @@ def load_pipeline(model: str, plan: str = "cfg=1") -> Any:
     if is_tiny_model(model):
         return build_tiny_pipeline(model, seed=0)
     import diffusers
-    import torch
+
+    from executor.device import compute_dtype, local_device
 
     quiet_libraries()
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = compute_dtype(local_device())
     overrides = _stage_transformer(Path(model), plan, dtype) if Path(model).is_dir() else {}
     pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype, **overrides)
+    _ensure_dtype(pipe, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _ensure_dtype(pipe: Any, dtype: Any) -> None:
+    """Every module of `pipe` in `dtype`: diffusers releases the project allows (before 0.36) ignore
+    from_pretrained's `dtype` and load fp32, which would mix with a stage loaded in `dtype`."""
+    import torch
+
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module) and any(p.is_floating_point() and p.dtype != dtype for p in part.parameters()):
+            part.to(dtype=dtype)
 
 
 def _save_outputs(output: Any, is_video: bool, folder: Path) -> list[str]:
@@ -104,12 +119,32 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
+def _write_trace(path: Path, timeline: Any, rank: int, world_size: int) -> None:
+    """Every rank's measured events, gathered on rank 0 and written there as one Chrome trace."""
+    import torch.distributed as dist
+
+    from executor.timeline import RankTimeline, track_names
+
+    every_rank = [timeline]
+    if world_size > 1:
+        every_rank = [None] * world_size if rank == 0 else None
+        dist.gather_object(timeline.events, every_rank, dst=0)
+        if rank != 0:
+            return
+        every_rank = [RankTimeline(timeline.device, events) for events in every_rank]
+    origin = min((start for t in every_rank for _, _, _, start, _ in t.events), default=0.0)
+    events = [event for r, t in enumerate(every_rank) for event in t.chrome_events(r, origin)] + track_names(world_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+
+
 def run_worker(args: Any) -> int:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from executor.parallel import parallelize
+    from executor.timeline import RUN_TRACE_ENV, recording
 
     started = time.perf_counter()
     pipe = load_pipeline(args.model, args.plan)
@@ -119,16 +154,22 @@ def run_worker(args: Any) -> int:
     rank = parallel.rank
     if args.print_layout and rank == 0:
         print(parallel.layout(), flush=True)
-    output = parallel(
-        prompt=prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-        num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-        output_type="pil",
-    )
+    trace_path = os.environ.get(RUN_TRACE_ENV)
+    with recording(parallel.device) if trace_path else contextlib.nullcontext() as timeline:
+        output = parallel(
+            prompt=prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+            num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+            output_type="pil",
+        )
     timings = parallel.last_timings.to_dict()
+    if timeline is not None:
+        timings["timeline"] = timeline.totals()
     every_rank = [timings]
     if parallel.groups.world_size > 1:
         every_rank = [None] * parallel.groups.world_size if rank == 0 else None
         dist.gather_object(timings, every_rank, dst=0)
+    if timeline is not None:
+        _write_trace(Path(trace_path), timeline, rank, parallel.groups.world_size)
     if rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,13 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_worker(args)
     except DitplanError as error:
-        if rank == 0:
-            print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
-        else:
-            # Every rank refuses alike; rank 0 reports it. The others leave it time to do so: under
-            # torchrun the first rank to exit ends the job, and an early silent exit would hide the
-            # message. torchrun stops this rank as soon as rank 0 has exited.
-            time.sleep(REFUSAL_GRACE_S)
+        if rank != 0:
+            return 0  # rank 0 refuses alike and reports it; a failing exit here could end the job first
+        print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         return 130

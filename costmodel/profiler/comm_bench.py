@@ -53,10 +53,11 @@ def _operation(pattern: str, nbytes: int, rank: int, world: int, device: str) ->
         return lambda: dist.all_gather(parts, send)
     receive = torch.empty_like(send)
     target, source = (rank + 1) % world, (rank - 1) % world
+    # One group: NCCL may block an ungrouped send until its receiver posts, and every rank sends first.
+    operations = [dist.P2POp(dist.isend, send, target), dist.P2POp(dist.irecv, receive, source)]
 
     def exchange() -> None:
-        requests = [dist.isend(send, target), dist.irecv(receive, source)]
-        for request in requests:
+        for request in dist.batch_isend_irecv(operations):
             request.wait()
 
     return exchange
@@ -71,7 +72,9 @@ def _worker(rank: int, world: int, port: int, backend: str, sizes: tuple[int, ..
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # device_id: NCCL creates the communicator now, on this rank's GPU, instead of at first use.
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device(device) if backend == "nccl" else None)
     sync = (lambda: torch.cuda.synchronize()) if backend == "nccl" else (lambda: None)
     times: dict[tuple[str, int], list[float]] = {}
     try:
@@ -92,7 +95,7 @@ def _worker(rank: int, world: int, port: int, backend: str, sizes: tuple[int, ..
                     if rank == 0:
                         results.put(("tick",))
         for (pattern, nbytes), series in times.items():
-            slowest = torch.tensor(series, dtype=torch.float64)
+            slowest = torch.tensor(series, dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             if rank == 0:
                 results.put(("sample", pattern, nbytes, statistics.median(slowest.tolist())))

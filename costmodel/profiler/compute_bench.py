@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-# Block shapes (MECHANICS.md): rows = batch x tokens through the projections; a block's GEMMs are
+# Block shapes as the cost model counts them: rows = batch x tokens through the projections; a block's GEMMs are
 # (rows x h) @ (h x n) with n in {h, 3h, 4h} and the MLP's (rows x 4h) @ (4h x h). Rows from a
 # PipeFusion patch of a small image (32) up to a CFG batch of a large one (8192).
 GEMM_ROWS = (32, 128, 512, 2048, 8192)
@@ -29,6 +29,10 @@ ACTIVATION_ELEMENTS = tuple(4**e for e in range(8, 13))
 # beyond 32 MiB, where glibc maps fresh pages for every temporary and page faults dominate).
 ELEMENTWISE_BYTES = tuple(2**e for e in range(14, 27, 2))
 REPEATS = 3
+# On a GPU: batches of calls lasting about 2 ms each (at most 1000 calls), median of 7 batches.
+GPU_BATCH_S = 2e-3
+GPU_MAX_BATCH = 1000
+GPU_REPEATS = 7
 # The same operators at real DiT sizes for a GPU (a CPU thread's sizes would only time launches):
 # rows from a PipeFusion patch to PixArt's 2048x2048 CFG batch (2 x 16384), hidden sizes of PixArt
 # and Flux, head dimensions 64/72/128, passes from L2-resident to HBM-sized.
@@ -50,31 +54,52 @@ class Sample:
     shape: tuple[int, ...]
 
 
-def _synchronizer(device: str) -> Callable[[], None]:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.synchronize
-    return lambda: None
+def half_dtype(capability_major: int) -> str:
+    """The 16-bit dtype a GPU of this compute capability computes natively: bf16 from 8.0 (A100,
+    L40, H100), fp16 before (V100, T4)."""
+    return "bfloat16" if capability_major >= 8 else "float16"
 
 
 def median_seconds(call: Callable[[], object], repeats: int = REPEATS, device: str = "cpu") -> float:
-    """Median time of `call` after one warm-up call.
+    """Median time of one `call` after one warm-up call.
 
     On the CPU (torch with one thread computes in the calling thread) this is the thread's CPU
-    time, so other processes sharing the cores do not stretch it: the profile describes the core,
-    not the moment's load. On a GPU it is wall time around a synchronised call.
+    time of each call, so other processes sharing the cores do not stretch it: the profile
+    describes the core, not the moment's load. On a GPU, see `_gpu_seconds`.
     """
-    sync = _synchronizer(device)
-    clock = time.perf_counter if device.startswith("cuda") else time.thread_time
+    if device.startswith("cuda"):
+        return _gpu_seconds(call, GPU_REPEATS)
     call()
-    sync()
     times = []
     for _ in range(repeats):
-        start = clock()
+        start = time.thread_time()
         call()
-        sync()
-        times.append(clock() - start)
+        times.append(time.thread_time() - start)
+    return statistics.median(times)
+
+
+def _gpu_seconds(call: Callable[[], object], repeats: int) -> float:
+    """GPU time of one `call`: CUDA events around a batch of back-to-back calls, long enough
+    (GPU_BATCH_S) that the launch latency of the first and the synchronisation after the last do
+    not count, as in a denoising loop where kernels queue behind each other. Median over batches."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    call()
+    start.record()
+    call()
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end) / 1e3, 1e-7)
+    batch = max(1, min(GPU_MAX_BATCH, round(GPU_BATCH_S / once)))
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(batch):
+            call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / batch)
     return statistics.median(times)
 
 

@@ -5,6 +5,7 @@ own loader before it replaces anything.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +67,29 @@ def parse_process_counts(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(counts)))
 
 
-def default_process_counts() -> tuple[int, ...]:
-    """2 and 4 where the machine has the cores for them (one thread per process)."""
+def default_process_counts(gpus: int = 0) -> tuple[int, ...]:
+    """On GPUs: 2, 4 and every GPU, as many as the node has (one process per GPU). On the CPU: 2
+    and 4 where the machine has the cores for them (one thread per process)."""
+    if gpus:
+        return tuple(sorted({n for n in (2, 4, gpus) if 2 <= n <= gpus})) or (2,)
     cores = os.cpu_count() or 2
     return tuple(n for n in (2, 4) if n <= cores) or (2,)
+
+
+def communication_backend(counts: tuple[int, ...], gpus: int) -> str:
+    """NCCL between GPUs, gloo between CPU processes; refuses more processes than GPUs on a GPU
+    machine rather than measuring gloo there unasked (its figures would describe the CPUs)."""
+    if not gpus:
+        return "gloo"
+    if max(counts) > gpus:
+        raise DitplanError(f"--nproc {','.join(map(str, counts))}: this machine has {gpus} GPU(s); "
+                           f"profile at most {gpus} processes, one per GPU.")
+    return "nccl"
+
+
+def gpu_fingerprint(base: str, name: str, count: int) -> str:
+    """The machine fingerprint extended by its GPU model and count, which decide a GPU profile's speed."""
+    return hashlib.sha256(f"{base}|{name}|{count}".encode()).hexdigest()[:12]
 
 
 def _progress(total: int, enabled: bool):
@@ -96,11 +116,12 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
     """
     import torch
 
-    counts = default_process_counts() if process_counts is None else tuple(process_counts)
     cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    counts = default_process_counts(gpus) if process_counts is None else tuple(process_counts)
+    backend = communication_backend(counts, gpus)
     device = "cuda" if cuda else "cpu"
-    dtype = "bfloat16" if cuda else "float32"
-    backend = "nccl" if cuda and max(counts) <= torch.cuda.device_count() else "gloo"
+    dtype = compute_bench.half_dtype(torch.cuda.get_device_capability(0)[0]) if cuda else "float32"
     shapes = ((compute_bench.GPU_GEMM_SHAPES, compute_bench.GPU_ATTENTION_SHAPES, compute_bench.GPU_ELEMENTWISE_BYTES,
                compute_bench.GPU_ACTIVATION_ELEMENTS) if cuda else
               (compute_bench.GEMM_SHAPES, compute_bench.ATTENTION_SHAPES, compute_bench.ELEMENTWISE_BYTES,
@@ -133,7 +154,8 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
             bar.close()
         fits = {key: fit.fit_latency_bandwidth(*zip(*sorted(samples))) for key, samples in communication.items()}
         machine = {
-            "fingerprint": machine_fingerprint(),
+            "fingerprint": (gpu_fingerprint(machine_fingerprint(), torch.cuda.get_device_name(0), gpus) if cuda
+                            else machine_fingerprint()),
             "cpu": cpu_model(),
             "cpus": os.cpu_count() or 1,
             "torch": installed_torch_version() or torch.__version__,

@@ -1,7 +1,7 @@
-"""PipeFusion: patch-level pipeline parallelism with stale K/V (issue 5).
+"""PipeFusion: patch-level pipeline parallelism with stale K/V.
 
-`denoise(job, adapter, transformer, groups, config)` is what the executor's loop calls for
-configurations with `pipefusion > 1` or `patches > 1`; see `pipeline` (the distributed patch
+`step_program(job, adapter, transformer, groups, config)` is how the executor's loop computes the
+steps of configurations with `pipefusion > 1` or `patches > 1` (`runs_patches`); see `pipeline` (the distributed patch
 pipeline across steps), `sequential` (the one-process reference), `stages` (each family's
 transformer cut into pieces), `stale_kv`, `schedulers` (patch-by-patch steps), `hybrid` (with
 Ulysses/Ring inside the stages), `partition` and `loading` (a stage without the rest of the model).
@@ -12,7 +12,7 @@ right after loading; `denoise` calls it too, once); `load_stage_transformer` nev
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,11 +22,12 @@ from executor.pipefusion.job import PatchJob
 from executor.pipefusion.layout import patch_problems
 from executor.pipefusion.loading import load_stage_transformer
 from executor.pipefusion.partition import keep_stage_only
-from executor.pipefusion.pipeline import denoise_pipelined, stage_units
-from executor.pipefusion.sequential import denoise_sequential
+from executor.pipefusion.pipeline import denoise_pipelined, pipeline_steps, stage_units
+from executor.pipefusion.sequential import denoise_sequential, sequential_steps
 from executor.pipefusion.stages import StagedTransformer, staged
+from executor.steps import StepProgram
 
-__all__ = ["denoise", "prepare_stage", "size_problems", "stage_count_problems", "load_stage_transformer", "patch_job",
+__all__ = ["step_program", "runs_patches", "prepare_stage", "size_problems", "stage_count_problems", "load_stage_transformer", "patch_job",
            "denoise_pipelined", "denoise_sequential", "staged"]
 
 _STAGE_ATTR = "_ditplan_pipefusion_stage"
@@ -106,6 +107,11 @@ def patch_job(job: Any, adapter: Any) -> PatchJob:
     )
 
 
+def runs_patches(config: ParallelConfig) -> bool:
+    """Whether `config` runs the patch loop of this package (a pipeline, or patches in one process)."""
+    return config.pipefusion > 1 or config.uses_patches
+
+
 def _stages_of(transformer: torch.nn.Module, family: str) -> StagedTransformer:
     """The stage view of `transformer`: the one it was cut with, else a fresh one (cuts nothing)."""
     prepared = getattr(transformer, _STAGE_ATTR, None)
@@ -128,7 +134,7 @@ def size_problems(job: Any, adapter: Any, config: ParallelConfig) -> list[str]:
     """Why `config`'s patches cannot cut this job's image (empty: they can), from the shapes alone,
     so every rank finds the same before any collective: at least one token row per patch, and
     every patch's tokens splitting evenly over the sequence-parallel ranks."""
-    if not (config.pipefusion > 1 or config.uses_patches):
+    if not runs_patches(config):
         return []
     stages = _stages_of(adapter.transformer, job.family)
     try:
@@ -139,22 +145,16 @@ def size_problems(job: Any, adapter: Any, config: ParallelConfig) -> list[str]:
     return patch_problems(layout, config.sp)
 
 
-def denoise(job: Any, adapter: Any, transformer: torch.nn.Module, groups: Any, config: ParallelConfig,
-            on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
-    """Final latents of `job` under PipeFusion (every rank of the pipeline gets them).
-
-    `on_step(step_index, seconds)` is called when this rank has done its part of each step."""
-    if config.cfg == 2 and not job.do_cfg:
-        raise DitplanError(
-            f"configuration {config}: cfg=2 needs classifier-free guidance, but this {job.family} job has none; use cfg=1."
-        )
+def step_program(job: Any, adapter: Any, transformer: torch.nn.Module, groups: Any, config: ParallelConfig) -> StepProgram:
+    """This rank's step program (executor.steps) of `job` under PipeFusion: every rank of the
+    pipeline ends with the final latents."""
     pipe_ranks = groups.members("pipefusion") if groups is not None else [0]
     stage = groups.coordinate("pipefusion") if groups is not None else 0
     stages = prepare_stage(transformer, job.family, stage, config.pipefusion)
     work = patch_job(job, adapter)
     if config.pipefusion == 1 and config.cfg == 1 and config.sp == 1:
-        return denoise_sequential(work, stages, config.patches, config.warmup, on_step)
+        return sequential_steps(work, stages, config.patches, config.warmup)
     # A one-stage "pipeline" with CFG halves or SP is the same patch-sequential algorithm, split.
     cfg_ranks = groups.members("cfg") if config.cfg == 2 else None
-    return denoise_pipelined(work, stages, pipe_ranks, groups.group("pipefusion"), config.patches, config.warmup,
-                             cfg_ranks, groups.group("cfg") if cfg_ranks else None, groups.group("ulysses"), groups.group("ring"), on_step)
+    return pipeline_steps(work, stages, pipe_ranks, groups.group("pipefusion"), config.patches, config.warmup,
+                          cfg_ranks, groups.group("cfg") if cfg_ranks else None, groups.group("ulysses"), groups.group("ring"))

@@ -38,14 +38,15 @@ def _processor_class(family: str) -> type:
     }[family]
 
 
-def _positions(index: slice | torch.Tensor) -> torch.Tensor:
-    return torch.arange(index.start, index.stop) if isinstance(index, slice) else index
+def _positions(index: slice | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    return torch.arange(index.start, index.stop, device=device) if isinstance(index, slice) else index
 
 
 class SequenceInStage:
     """The SP split of one stage: installs the SP processors and decides each rank's tokens."""
 
-    def __init__(self, stages: StagedTransformer, units: range, layout: PatchLayout, ulysses_group: Any, ring_group: Any) -> None:
+    def __init__(self, stages: StagedTransformer, units: range, layout: PatchLayout, ulysses_group: Any, ring_group: Any,
+                 device: torch.device | str = "cpu") -> None:
         from executor.sp.comm import group_rank, group_size
         from executor.sp.processors import SequenceShard
 
@@ -53,7 +54,8 @@ class SequenceInStage:
         self.u, self.r = group_size(ulysses_group), group_size(ring_group)
         self.degree = self.u * self.r
         self.chunk = group_rank(ring_group) * self.u + group_rank(ulysses_group)
-        self.layout = layout
+        self.layout, self.device = layout, device
+        self._ring_rows: dict[int, torch.Tensor] = {}
         self.shard = SequenceShard(ulysses_group, ring_group)
         self._originals: list[tuple[Any, Any]] = []
         layers = [module for module, _ in stages.stale_layers(units)]
@@ -84,20 +86,24 @@ class SequenceInStage:
         `text_tokens`: the joint text tokens of the call (patch m's text strip, or the whole text)."""
         self.shard.text_tokens = text_tokens  # Flux single-stream blocks read it
         if m is not None:
-            patch, sub = self.layout.token_index(m), self._sub(m)
+            patch, sub = self.layout.token_index(m, self.device), self._sub(m)
             if isinstance(patch, slice):
                 return slice(patch.start + self.chunk * sub, patch.start + (self.chunk + 1) * sub)
             return patch[self.chunk * sub:(self.chunk + 1) * sub]
         if self.r == 1:
             per_rank = self.layout.image_tokens // self.degree
             return slice(self.chunk * per_rank, (self.chunk + 1) * per_rank)
-        return torch.cat([_positions(self.share(k, text_tokens)) for k in range(self.layout.patches)])
+        return torch.cat([_positions(self.share(k, text_tokens), self.device) for k in range(self.layout.patches)])
 
     def ring_rows(self, m: int) -> torch.Tensor:
-        """Rows of this ring rank's buffer holding patch m's tokens (as they arrive after the all-to-all)."""
-        rows_per_rank = self.layout.image_tokens // self.degree
-        before = sum(self._sub(k) for k in range(m))
-        return torch.cat([torch.arange(j * rows_per_rank + before, j * rows_per_rank + before + self._sub(m)) for j in range(self.u)])
+        """Rows of this ring rank's buffer holding patch m's tokens (as they arrive after the all-to-all);
+        made once per patch, on the device (layers index with it at every call)."""
+        if m not in self._ring_rows:
+            rows_per_rank = self.layout.image_tokens // self.degree
+            before = sum(self._sub(k) for k in range(m))
+            self._ring_rows[m] = torch.cat([torch.arange(j * rows_per_rank + before, j * rows_per_rank + before + self._sub(m))
+                                            for j in range(self.u)]).to(self.device)
+        return self._ring_rows[m]
 
     def gather(self, tokens: torch.Tensor, m: int | None, text_tokens: int) -> torch.Tensor:
         """The output tokens of the whole patch (image) from every rank's share, in sequence order."""
@@ -107,13 +113,13 @@ class SequenceInStage:
         if m is not None or self.r == 1:
             return whole
         # Shares of the whole image are per patch under Ring: put the tokens back in image order.
-        order = torch.cat([_positions(self._share_of(chunk)) for chunk in range(self.degree)])
+        order = torch.cat([_positions(self._share_of(chunk), self.device) for chunk in range(self.degree)])
         return whole[:, torch.argsort(order).to(whole.device)]
 
     def _share_of(self, chunk: int) -> torch.Tensor:
         mine = self.chunk
         self.chunk = chunk
         try:
-            return _positions(self.share(None, self.shard.text_tokens))
+            return _positions(self.share(None, self.shard.text_tokens), self.device)
         finally:
             self.chunk = mine

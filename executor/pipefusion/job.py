@@ -10,7 +10,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from costmodel.errors import DitplanError
 
 
 @dataclass
@@ -48,8 +47,7 @@ class PatchJob:
 
     def cfg_half(self, half: int) -> dict[str, Any]:
         """model_kwargs of one CFG half (0: unconditional, 1: conditional)."""
-        if not self.cfg:
-            raise DitplanError("cfg=2 needs classifier-free guidance, but this job has no unconditional half; use cfg=1.")
+        assert self.cfg, "cfg=2 without an unconditional half: refused at the entrance (executor.parallel)"
         batch = 2 * self.latents.shape[0]
 
         def cut(value: Any) -> Any:

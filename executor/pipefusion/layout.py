@@ -85,13 +85,19 @@ class PatchLayout:
         start = m * base + min(m, extra)
         return slice(start, start + base + (1 if m < extra else 0))
 
-    def token_index(self, m: int) -> slice | torch.Tensor:
-        """Positions of the patch's tokens in the image sequence (a slice when contiguous)."""
+    def token_index(self, m: int, device: torch.device | str = "cpu") -> slice | torch.Tensor:
+        """Positions of the patch's tokens in the image sequence (a slice when contiguous, else an
+        index tensor on `device`, made once per device: layers index with it at every call)."""
         start, stop = self.row_bounds[m]
         lo, hi = start * self.row_tokens, stop * self.row_tokens
         if self.token_frames == 1:
             return slice(lo, hi)
-        return torch.cat([torch.arange(f * self.frame_tokens + lo, f * self.frame_tokens + hi) for f in range(self.token_frames)])
+        made = self.__dict__.setdefault("_indices", {})
+        key = (m, str(device))
+        if key not in made:
+            made[key] = torch.cat([torch.arange(f * self.frame_tokens + lo, f * self.frame_tokens + hi)
+                                   for f in range(self.token_frames)]).to(device)
+        return made[key]
 
     def take_latent(self, latents: torch.Tensor, m: int) -> torch.Tensor:
         return latents[..., self.latent_slice(m), :]

@@ -7,22 +7,25 @@ the strip and sends the new strip back to stage 0, which starts patch m of step 
 arrives, without waiting for the rest of the image. So stage s works on patch m while stage s-1
 works on patch m+1.
 
-Communication: every message is one contiguous tensor whose size both ends derive from the patch
-layout and the configuration (StagedTransformer.carry_spec), never from the data. Sends are
-asynchronous (isend); each stage keeps its next receives posted ahead (irecv) so a sender never
-waits for the receiver to reach its receive call. Messages go to the next stage (the patch's carry:
-image tokens, the patch's strip of the text stream of MM-DiT models, so the text crosses each
-boundary once per step), to the mirror stage (HunyuanDiT's long skips, sent once from where they
-are made to where they are used) and from the last stage to stage 0 (strips). With CFG
-parallelism each CFG half runs its own pipeline; the last stages of the two gather the strip's
-model output (one all-gather in the cfg group) and apply the same guidance and scheduler step.
+Communication: every message is one contiguous tensor of one dtype whose size both ends derive
+from the patch layout and the configuration (StagedTransformer.carry_spec), never from the data.
+Messages go to the next stage (the patch's carry: image tokens, the patch's strip of the text
+stream of MM-DiT models, so the text crosses each boundary once per step), to the mirror stage
+(HunyuanDiT's long skips, sent once from where they are made to where they are used) and from the
+last stage to stage 0 (strips). Every rank derives the same `PipelineSchedule`: the tick at which
+each stage computes each patch and at which each message travels; at every tick a rank posts the
+sends and receives of that tick as one group (`batch_isend_irecv`), and its peers post the
+counterparts in their group of the same tick. So no receive is posted ahead of an unmatched send
+and no point-to-point call waits on a peer that waits on it (NCCL's rules; executor.nccl_rules
+checks them on recorded runs). With CFG parallelism each CFG half runs its own pipeline; the last
+stages of the two gather the strip's model output (one all-gather in the cfg group) and apply the
+same guidance and scheduler step.
 """
 from __future__ import annotations
 
-import time
-from collections import deque
+from dataclasses import dataclass
 from math import prod
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,12 +37,10 @@ from executor.pipefusion.layout import patch_problems
 from executor.pipefusion.schedulers import PatchScheduler
 from executor.pipefusion.stages import Carry, StagedTransformer
 from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv
+from executor.steps import StepProgram, gather_cfg_halves, run_steps
+from executor.timeline import active as active_timeline
 
 Spec = dict[str, tuple[int, ...]]
-
-# Receives kept posted ahead of the one being waited on: enough that the sender of the next patch
-# never blocks, few enough that the buffers stay small.
-RECEIVES_AHEAD = 2
 
 
 def stage_units(weights: list[int], stages: int, stage: int) -> range:
@@ -64,8 +65,11 @@ def stage_units(weights: list[int], stages: int, stage: int) -> range:
     return range(cuts[stage], cuts[stage + 1])
 
 
-def _pack(carry: Carry, spec: Spec) -> torch.Tensor:
-    return torch.cat([carry[key].reshape(-1) for key in spec])
+def _pack(carry: Carry, spec: Spec, dtype: torch.dtype) -> torch.Tensor:
+    for key, shape in spec.items():
+        if tuple(carry[key].shape) != shape:
+            raise RuntimeError(f"PipeFusion message {key!r} has shape {tuple(carry[key].shape)}, but {shape} was agreed")
+    return torch.cat([carry[key].reshape(-1).to(dtype) for key in spec])
 
 
 def _unpack(flat: torch.Tensor, spec: Spec) -> Carry:
@@ -77,49 +81,142 @@ def _unpack(flat: torch.Tensor, spec: Spec) -> Carry:
     return out
 
 
-class Inbox:
-    """Receives from one peer in a fixed, known order, with the next ones posted ahead."""
+@dataclass(frozen=True)
+class Item:
+    """One piece of work of every stage: a patch of a step, or the whole image (patch None: warmup)."""
 
-    def __init__(self, src: int, group: Any, specs: Iterator[tuple[Spec, torch.dtype]], device: torch.device) -> None:
-        self._src, self._group, self._specs, self._device = src, group, specs, device
-        self._posted: deque[tuple[torch.Tensor, Spec, Any]] = deque()
-        self._fill()
-
-    def _fill(self) -> None:
-        while len(self._posted) <= RECEIVES_AHEAD:
-            item = next(self._specs, None)
-            if item is None:
-                return
-            spec, dtype = item
-            buffer = torch.empty(sum(prod(s) for s in spec.values()), dtype=dtype, device=self._device)
-            self._posted.append((buffer, spec, dist.irecv(buffer, src=self._src, group=self._group)))
-
-    def recv(self) -> Carry:
-        buffer, spec, work = self._posted.popleft()
-        work.wait()
-        self._fill()
-        return _unpack(buffer, spec)
+    step: int
+    patch: int | None
 
 
-class Outbox:
-    def __init__(self, group: Any) -> None:
-        self._group = group
-        self._pending: list[tuple[Any, torch.Tensor]] = []
+def pipeline_items(steps: int, warmup: int, patches: int) -> list[Item]:
+    return [Item(i, m) for i in range(steps) for m in ([None] if i < warmup else range(patches))]
+
+
+@dataclass(frozen=True)
+class Message:
+    """What stage `source` sends to stage `target` after computing item number `item`."""
+
+    item: int
+    source: int
+    target: int
+
+
+class PipelineSchedule:
+    """At which tick each stage computes each item and each message travels (the same on every rank).
+
+    A stage computes an item one tick after its previous item and after the stage before it
+    computed the same item; stage 0 also after the last stage computed the result it starts from
+    (the strip of the step before, or the whole latents after a warmup step). A message made at
+    tick P travels at tick P + 1, in one group on each end.
+    """
+
+    def __init__(self, items: list[Item], stages: int, targets: list[list[int]]) -> None:
+        self.items, self.stages = items, stages
+        last = stages - 1
+        positions = {item: j for j, item in enumerate(items)}
+        # The last stage's results, and the item of stage 0 that starts from each.
+        self.returns: dict[int, int] = {}
+        if stages > 1:
+            for j, item in enumerate(items):
+                if item.step < items[-1].step:
+                    nxt = items[j + 1] if item.patch is None else Item(item.step + 1, item.patch)
+                    self.returns[j] = positions[nxt]
+        self.starts_from: dict[int, list[int]] = {}
+        for j, consumer in self.returns.items():
+            self.starts_from.setdefault(consumer, []).append(j)
+        self.tick = [[0] * len(items) for _ in range(stages)]
+        for j in range(len(items)):
+            for s in range(stages):
+                earliest = [self.tick[s][j - 1] + 1] if j else [0]
+                earliest += [self.tick[s - 1][j] + 1] if s else [self.tick[last][d] + 1 for d in self.starts_from.get(j, [])]
+                self.tick[s][j] = max(earliest)
+        self.messages = [Message(j, s, t) for j in range(len(items)) for s in range(stages) for t in targets[s]]
+        self.messages += [Message(j, last, 0) for j in self.returns]
+
+    def travels(self, message: Message) -> int:
+        return self.tick[message.source][message.item] + 1
+
+    def timeline(self, stage: int) -> list[tuple[int, list[Message], list[Message], int | None]]:
+        """(tick, messages this stage sends, messages it receives, the item it computes or None) in tick order."""
+        ticks: dict[int, tuple[list[Message], list[Message], list[int]]] = {}
+        for message in self.messages:
+            for end, role in ((message.source, 0), (message.target, 1)):
+                if end == stage:
+                    ticks.setdefault(self.travels(message), ([], [], []))[role].append(message)
+        for j in range(len(self.items)):
+            ticks.setdefault(self.tick[stage][j], ([], [], []))[2].append(j)
+        return [(tick, sends, receives, computes[0] if computes else None)
+                for tick, (sends, receives, computes) in sorted(ticks.items())]
+
+
+class _PostedGroup:
+    """The works of one posted group and the send buffers they must keep alive; waited once
+    (gloo blocks on a second wait of a finished receive)."""
+
+    def __init__(self, works: list[Any], buffers: list[torch.Tensor]) -> None:
+        self.works, self.buffers, self.done = works, buffers, False
+
+    def finished(self) -> bool:
+        if not self.done and all(work.is_completed() for work in self.works):
+            self.done, self.buffers = True, []
+        return self.done
+
+    def wait(self) -> None:
+        if not self.done:
+            for work in self.works:
+                work.wait()
+            self.done, self.buffers = True, []
+
+
+class TickExchange:
+    """Posts each tick's sends and receives as one group and hands out the received messages."""
+
+    def __init__(self, ranks: list[int], group: Any) -> None:
+        self._ranks, self._group = ranks, group
+        self._outgoing: dict[Message, torch.Tensor] = {}
+        self._incoming: dict[Message, tuple[torch.Tensor, Spec, _PostedGroup]] = {}
+        self._posted: list[_PostedGroup] = []
         self.sent_bytes = 0
 
-    def send(self, carry: Carry, spec: Spec, dst: int) -> None:
-        for key, shape in spec.items():
-            if tuple(carry[key].shape) != shape:
-                raise RuntimeError(f"PipeFusion message {key!r} has shape {tuple(carry[key].shape)}, but {shape} was agreed")
-        flat = _pack(carry, spec).contiguous()
+    def stage(self, message: Message, carry: Carry, spec: Spec, dtype: torch.dtype) -> None:
+        """Pack a message now; it leaves at its tick."""
+        flat = _pack(carry, spec, dtype)
         self.sent_bytes += flat.numel() * flat.element_size()
-        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
-        self._pending.append((dist.isend(flat, dst=dst, group=self._group), flat))
+        self._outgoing[message] = flat
+
+    def post(self, sends: list[Message], receives: list[tuple[Message, Spec, torch.dtype]], device: torch.device) -> None:
+        if not sends and not receives:
+            return
+        operations, buffers = [], []
+        for message in sends:
+            flat = self._outgoing.pop(message)
+            operations.append(dist.P2POp(dist.isend, flat, self._ranks[message.target], self._group))
+            buffers.append(flat)
+        arriving = []
+        for message, spec, dtype in receives:
+            buffer = torch.empty(sum(prod(s) for s in spec.values()), dtype=dtype, device=device)
+            operations.append(dist.P2POp(dist.irecv, buffer, self._ranks[message.source], self._group))
+            arriving.append((message, buffer, spec))
+        posted = _PostedGroup(dist.batch_isend_irecv(operations), buffers)
+        for message, buffer, spec in arriving:
+            self._incoming[message] = (buffer, spec, posted)
+        self._posted = [group for group in self._posted if not group.finished()]
+        self._posted.append(posted)
+
+    def receive(self, message: Message) -> Carry:
+        buffer, spec, posted = self._incoming.pop(message)
+        timeline = active_timeline()
+        if timeline is None:
+            posted.wait()
+        else:
+            timeline.waiting(f"wait for stage {message.source}", posted.wait)
+        return _unpack(buffer, spec)
 
     def flush(self) -> None:
-        for work, _ in self._pending:
-            work.wait()
-        self._pending = []
+        for posted in self._posted:
+            posted.wait()
+        self._posted = []
 
 
 @torch.no_grad()
@@ -134,6 +231,14 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     degree 1); an SP rank exchanges with the rank of the same SP coordinates in the other stages.
     `on_step(step_index, seconds)`: called when this rank has done its part of each step.
     """
+    program = pipeline_steps(job, stages, pipe_ranks, pipe_group, patches, warmup, cfg_ranks, cfg_group, ulysses_group, ring_group)
+    return run_steps(program, len(job.timesteps), job.latents.device, on_step, dist.get_rank())
+
+
+def pipeline_steps(job: PatchJob, stages: StagedTransformer, pipe_ranks: list[int], pipe_group: Any,
+                   patches: int, warmup: int, cfg_ranks: list[int] | None = None, cfg_group: Any = None,
+                   ulysses_group: Any = None, ring_group: Any = None) -> StepProgram:
+    """The step program (executor.steps) of PipeFusion on this rank; see `denoise_pipelined`."""
     rank = dist.get_rank()
     stage, count = pipe_ranks.index(rank), len(pipe_ranks)
     first, last = stage == 0, stage == count - 1
@@ -152,9 +257,7 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     def guide(out: torch.Tensor, step_index: int, t: Any) -> torch.Tensor:
         if half is None:
             return job.guide(out, step_index, t)
-        parts = [torch.empty_like(out) for _ in cfg_ranks]
-        dist.all_gather(parts, out.contiguous(), group=cfg_group)
-        return job.guide(torch.cat(parts), step_index, t)
+        return job.guide(torch.cat(gather_cfg_halves(out, cfg_group)), step_index, t)
 
     latents = job.latents.clone()
     x0 = model_input(latents, job.timesteps[0])
@@ -193,8 +296,9 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
                 spec[key] = (carry_batch, tokens, stages.hidden_size())
         return spec
 
-    receives_from = sorted({src for _, src, dst in skip_routes if dst == stage and src != stage - 1} | ({stage - 1} if stage else set()))
-    sends_to = sorted({dst for _, src, dst in skip_routes if src == stage and dst != stage + 1} | ({stage + 1} if not last else set()))
+    targets = [sorted({dst for _, src, dst in skip_routes if src == s} | ({s + 1} if s < count - 1 else set()))
+               for s in range(count)]
+    sources = [s for s in range(count) if stage in targets[s]]
 
     def latent_spec(patch: int | None) -> Spec:
         shape = list(latents.shape)
@@ -203,18 +307,17 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
             shape[-2] = strip.stop - strip.start
         return {"latents": tuple(shape)}
 
-    def inbound(source: int) -> Iterator[tuple[Spec, torch.dtype]]:
-        for i in range(steps):
-            pieces: list[int | None] = [None] if i < warmup else list(range(patches))
-            if not first:
-                for m in pieces:
-                    yield message_spec(m, source, stage), dtype
-            elif count > 1 and i < steps - 1:  # the last stage's result of step i, for step i+1
-                for m in pieces:
-                    yield latent_spec(m), strip_dtype
+    items = pipeline_items(steps, warmup, patches)
+    schedule = PipelineSchedule(items, count, targets)
+
+    def incoming(message: Message) -> tuple[Message, Spec, torch.dtype]:
+        patch = items[message.item].patch
+        if message.target == 0:  # the last stage's result, for stage 0's next step
+            return message, latent_spec(patch), strip_dtype
+        return message, message_spec(patch, message.source, message.target), dtype
 
     scheduler = PatchScheduler(job.scheduler, layout, tuple(latents.shape)) if last else None
-    sequence = SequenceInStage(stages, units, layout, ulysses_group, ring_group) if sp > 1 else None
+    sequence = SequenceInStage(stages, units, layout, ulysses_group, ring_group, latents.device) if sp > 1 else None
     layers = stages.stale_layers(units)
     if sequence:
         layers = [(module, sequence.text_position(position)) for module, position in layers]
@@ -224,40 +327,45 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     state = StaleKVState(buffer_tokens=layout.image_tokens // ring_degree, text_buffer_tokens=text_total)
     handle = install_stale_kv(layers, state)
     try:
-        sources = receives_from if not first else ([count - 1] if count > 1 else [])
-        inboxes = {source: Inbox(pipe_ranks[source], pipe_group, inbound(source), latents.device) for source in sources}
-        outbox = Outbox(pipe_group)
-        for i, t in enumerate(job.timesteps):
-            step_started = time.perf_counter()
-            timestep = job.model_timestep(t, x0.shape[0])
-            cond = stages.condition(x0, timestep, kwargs)
-            pieces = [None] if i < warmup else list(range(patches))
-            state.mode = "fill" if i < warmup else "patch"
-            for m in pieces:
-                index = None if m is None else layout.token_index(m)
-                state.index = index  # the buffer rows: the whole patch (after the all-to-all)
-                # The patch's text strip (None: the whole text), held whole by every SP rank.
-                text_index = None if m is None else layout.text_slice(m, text_total)
-                state.text_index, state.text_tokens = text_index, text_of(m)
-                mine = index  # the image tokens this rank computes
-                if sequence:
-                    mine = sequence.share(m, state.text_tokens)
-                    if sequence.r > 1 and m is not None:
-                        state.ring_index = sequence.ring_rows(m)
-                if first:
-                    if m is not None and i > warmup and count > 1:  # strip m of step i-1, from the last stage
-                        layout.put_latent(latents, m, inboxes[count - 1].recv()["latents"])
-                    carry = stages.select(stages.embed(model_input(latents, t), cond), mine, text_index)
-                else:
-                    carry = {}
-                    for source in receives_from:
-                        carry.update(inboxes[source].recv())
-                for unit in units:
-                    carry = stages.run_unit(unit, carry, cond, mine, text_index)
-                if not last:
-                    for target in sends_to:
-                        outbox.send(carry, message_spec(m, stage, target), pipe_ranks[target])
-                    continue
+        exchange = TickExchange(pipe_ranks, pipe_group)
+        cond = cond0
+        for _, sends, receives, j in schedule.timeline(stage):
+            exchange.post(sends, [incoming(message) for message in receives], latents.device)
+            if j is None:
+                continue
+            i, m = items[j].step, items[j].patch
+            t = job.timesteps[i]
+            if m is None or m == 0:  # this step's first item
+                cond = stages.condition(x0, job.model_timestep(t, x0.shape[0]), kwargs)
+            state.mode = "fill" if m is None else "patch"
+            index = None if m is None else layout.token_index(m, latents.device)
+            state.index = index  # the buffer rows: the whole patch (after the all-to-all)
+            # The patch's text strip (None: the whole text), held whole by every SP rank.
+            text_index = None if m is None else layout.text_slice(m, text_total)
+            state.text_index, state.text_tokens = text_index, text_of(m)
+            mine = index  # the image tokens this rank computes
+            if sequence:
+                mine = sequence.share(m, state.text_tokens)
+                if sequence.r > 1 and m is not None:
+                    state.ring_index = sequence.ring_rows(m)
+            if first:
+                for done in schedule.starts_from.get(j, []):  # the last stage's result of the step before
+                    result = exchange.receive(Message(done, count - 1, 0))["latents"]
+                    if items[done].patch is None:
+                        latents = result.clone()
+                    else:
+                        layout.put_latent(latents, items[done].patch, result)
+                carry = stages.select(stages.embed(model_input(latents, t), cond), mine, text_index)
+            else:
+                carry = {}
+                for source in sources:
+                    carry.update(exchange.receive(Message(j, source, stage)))
+            for unit in units:
+                carry = stages.run_unit(unit, carry, cond, mine, text_index)
+            if not last:
+                for target in targets[stage]:
+                    exchange.stage(Message(j, stage, target), carry, message_spec(m, stage, target), dtype)
+            else:
                 gather = (lambda tokens: sequence.gather(tokens, m, state.text_tokens)) if sequence else None
                 noise = guide(stages.head(carry, cond, layout, m, gather), i, t)
                 if m is None:
@@ -267,15 +375,13 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
                     with scheduler.patch(m):
                         result = job.step(scheduler, noise, t, layout.take_latent(latents, m), i, m)
                     layout.put_latent(latents, m, result)
-                if count > 1 and i < steps - 1:
-                    outbox.send({"latents": result}, latent_spec(m), pipe_ranks[0])
-            if first and count > 1 and i < warmup and i < steps - 1:
-                latents = inboxes[count - 1].recv()["latents"].clone()
-            if on_step is not None:
-                on_step(i, time.perf_counter() - step_started)
-        outbox.flush()
+                if j in schedule.returns:
+                    exchange.stage(Message(j, stage, 0), {"latents": result}, latent_spec(m), strip_dtype)
+            if j + 1 == len(items) or items[j + 1].step != i:
+                yield  # this rank's part of step i is done
+        exchange.flush()
         stages.stats = {"stage": stage, "units": (units.start, units.stop), "kv_buffer_bytes": state.buffer_bytes(),
-                        "sent_bytes": outbox.sent_bytes}
+                        "sent_bytes": exchange.sent_bytes}
     finally:
         handle.remove()
         if sequence:

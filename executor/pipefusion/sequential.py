@@ -9,7 +9,6 @@ without a cluster.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import torch
@@ -19,6 +18,7 @@ from executor.pipefusion.schedulers import PatchScheduler
 from executor.pipefusion.layout import PatchLayout
 from executor.pipefusion.stages import Cond, StagedTransformer
 from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv
+from executor.steps import StepProgram, run_steps
 
 
 @torch.no_grad()
@@ -27,6 +27,11 @@ def denoise_sequential(job: PatchJob, stages: StagedTransformer, patches: int, w
     """Final latents of the patch-sequential algorithm (with patches=1 or warmup >= steps: the serial loop).
 
     `on_step(step_index, seconds)` is called after every step."""
+    return run_steps(sequential_steps(job, stages, patches, warmup), len(job.timesteps), job.latents.device, on_step)
+
+
+def sequential_steps(job: PatchJob, stages: StagedTransformer, patches: int, warmup: int) -> StepProgram:
+    """The step program (executor.steps) of the patch-sequential algorithm."""
     latents = job.latents.clone()
     layout = stages.layout(job.model_input(latents, job.timesteps[0]), job.model_kwargs, patches)
     scheduler = PatchScheduler(job.scheduler, layout, tuple(latents.shape))
@@ -34,7 +39,6 @@ def denoise_sequential(job: PatchJob, stages: StagedTransformer, patches: int, w
     handle = install_stale_kv(stages.stale_layers(range(stages.unit_count())), state)
     try:
         for i, t in enumerate(job.timesteps):
-            started = time.perf_counter()
             x = job.model_input(latents, t)
             timestep = job.model_timestep(t, x.shape[0])
             cond = stages.condition(x, timestep, job.model_kwargs)
@@ -45,8 +49,7 @@ def denoise_sequential(job: PatchJob, stages: StagedTransformer, patches: int, w
                 latents = job.step(scheduler, noise, t, latents, i, None)
             else:
                 _patch_step(job, stages, scheduler, state, layout, latents, x, cond, t, i, patches)
-            if on_step is not None:
-                on_step(i, time.perf_counter() - started)
+            yield
     finally:
         handle.remove()
     return latents
@@ -58,7 +61,7 @@ def _patch_step(job: PatchJob, stages: StagedTransformer, scheduler: PatchSchedu
     state.mode = "patch"
     image = stages.embed(x, cond)
     for m in range(patches):
-        index, text_index = layout.token_index(m), layout.text_slice(m, state.text_buffer_tokens)
+        index, text_index = layout.token_index(m, latents.device), layout.text_slice(m, state.text_buffer_tokens)
         state.index, state.text_index, state.text_tokens = index, text_index, text_index.stop - text_index.start
         carry = stages.select(image, index, text_index)
         for unit in range(stages.unit_count()):

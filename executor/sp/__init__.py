@@ -52,6 +52,10 @@ class SequenceParallelHandle:
 
     _transformer: torch.nn.Module | None = None
 
+    def new_generation(self) -> None:
+        """The next forward checks its input shapes across the group again (see `_agree_on_inputs`)."""
+        self.shard.agreed_shapes = None
+
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
@@ -101,7 +105,12 @@ def enable_sequence_parallel(
 
 
 def _agree_on_inputs(shard: SequenceShard) -> Callable:
-    """Before any collective of a forward: every rank must pass tensors of the same shapes."""
+    """Before any collective of a forward: every rank must pass tensors of the same shapes.
+
+    Checked when this rank's shapes differ from the last ones the group agreed on (the first forward
+    of a generation, see `SequenceParallelHandle.new_generation`), not at every forward: the check
+    reads the gathered shapes on the host, a synchronisation the steps of one generation, all of
+    the same shapes, need not pay."""
 
     def hook(module, args, kwargs):
         shapes: dict[str, tuple[int, ...]] = {}
@@ -111,8 +120,12 @@ def _agree_on_inputs(shard: SequenceShard) -> Callable:
             for index, tensor in enumerate(parts):
                 if isinstance(tensor, torch.Tensor):
                     shapes[f"{name}[{index}]" if len(parts) > 1 else name] = tuple(tensor.shape)
+        signature = tuple(shapes.items())
+        if signature == shard.agreed_shapes:
+            return
         agree_shapes(shapes, shard.ulysses_group, "transformer inputs")
         agree_shapes(shapes, shard.ring_group, "transformer inputs")
+        shard.agreed_shapes = signature
 
     return hook
 

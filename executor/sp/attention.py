@@ -4,7 +4,7 @@ Layout everywhere: [batch, heads, tokens, head_dim]. Image tokens are split over
 with Ulysses index j and Ring index i holds chunk i*u + j of the sequence); text tokens of joint
 attention (MM-DiT) are held whole by every rank and never sent.
 
-How the pieces combine (MECHANICS.md):
+How the pieces combine (docs/executor.md):
 * Ulysses (group of u): all-to-all Q, K, V from all heads of my tokens to H/u heads of all the
   group's tokens; attend; all-to-all back. Text Q/K/V are sliced to the same H/u heads locally, and
   the text output is all-gathered over heads afterwards.
@@ -33,19 +33,37 @@ from executor.sp.comm import (
 )
 
 
+def lse_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Which kernel computes attention with its log-sum-exp here: "cpu-flash" on the CPU; on CUDA
+    "flash" where the GPU has it (compute capability 8.0+, fp16/bf16, head_dim a multiple of 8 up
+    to 256), else "efficient" (memory-efficient attention: any dtype on 8.0+, fp16/fp32 before,
+    so T4 and V100), else "reference" (plain math, any device)."""
+    if device.type == "cpu":
+        return "cpu-flash"
+    if device.type != "cuda":
+        return "reference"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 8 and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
+        return "flash"
+    if major >= 8 or dtype != torch.bfloat16:
+        return "efficient"
+    return "reference"
+
+
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention (scale 1/sqrt(head_dim), no mask) and the float32 log-sum-exp of each query's scores.
 
-    Uses the fused kernels that return the LSE (CPU flash attention; CUDA flash for fp16/bf16,
-    memory-efficient attention for fp32), so ring attention costs what plain attention costs.
+    Uses a fused kernel that returns the LSE where the device has one (`lse_kernel`), so ring
+    attention costs what plain attention costs.
     """
-    if query.device.type == "cpu":
+    kernel = lse_kernel(query.device, query.dtype, query.shape[-1])
+    if kernel == "cpu-flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False)
         return out, lse.float()
-    if query.device.type == "cuda":
-        if query.dtype in (torch.float16, torch.bfloat16):
-            result = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)
-            return result[0], result[1].float()
+    if kernel == "flash":
+        result = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)
+        return result[0], result[1].float()
+    if kernel == "efficient":
         result = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True)
         # The memory-efficient kernel may pad the LSE's token dimension; keep the real queries.
         return result[0], result[1][..., : query.shape[-2]].float()

@@ -44,6 +44,7 @@ class SequenceShard:
     # text); then each rank's [text; image] chunk is simply its share of one joint sequence.
     text_split: bool = False
     text_rows: slice = field(default_factory=lambda: slice(None))
+    agreed_shapes: tuple | None = None  # the input shapes the group last agreed on (executor.sp._agree_on_inputs)
 
     @property
     def degree(self) -> int:

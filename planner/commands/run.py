@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("gloo", "nccl"),
                         help="torch.distributed backend (default: nccl with CUDA, else gloo)")
     parser.add_argument("--print-layout", action="store_true", help="print the rank layout (groups per axis) before running")
+    parser.add_argument("--trace", metavar="OUT.json",
+                        help="write a Chrome-trace/Perfetto timeline of what each rank did (compute, communication, "
+                             "waiting), in the layout of `ditplan simulate --trace`; run.json gets the per-rank totals")
     add_multinode_arguments(parser)
 
 

@@ -87,3 +87,27 @@ def test_gpu_check_prediction_side():
     assert 0 < small < large and large > 4 * small  # 4x the tokens: the attention grows 16x
     assert seconds["Flux double block 1024x1024"] > small  # hidden 3072 vs 1152
     assert gpu_check.CASES[2].tokens() == (4096, 512)
+
+
+def test_gpu_check_says_plainly_when_only_one_gpu_is_there(monkeypatch, capsys):
+    import torch
+
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert gpu_check.main(["--ranks-only"]) == 0
+    assert "2-rank NCCL check: not run; this machine has 1 visible GPU(s) and the check needs two" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(400)
+def test_gpu_check_two_rank_part_runs_on_two_cpu_processes():
+    """--smoke runs the 2-rank check over gloo: every plan matches the one-process loop and the
+    recorded calls replay under NCCL's rules."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--ranks-only"],
+                            capture_output=True, text=True, timeout=380, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    plans = [line for line in lines if line.split() and line.split()[0] in ("cfg=2", "dp=2", "ulysses=2", "ring=2",
+                                                                             "pipefusion=2,patches=2,warmup=1")]
+    assert len(plans) == 5 and all(line.endswith("ok") for line in plans), result.stdout
+    assert "NCCL rules on the recorded calls: no finding" in result.stdout

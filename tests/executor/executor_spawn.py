@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def free_port() -> int:
@@ -44,3 +46,27 @@ def run_ranks(script: Path, world: int, args: list[str], deadline_s: float, extr
             output, _ = process.communicate()
             results[index] = (None, output)
     return results
+
+
+@contextmanager
+def recorded_communication(folder: Path) -> Iterator[Path]:
+    """Processes started inside record their torch.distributed calls into `folder` (executor.comm_trace)."""
+    from executor.comm_trace import TRACE_ENV
+
+    previous = os.environ.get(TRACE_ENV)
+    os.environ[TRACE_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            del os.environ[TRACE_ENV]
+        else:
+            os.environ[TRACE_ENV] = previous
+
+
+def assert_follows_nccl_rules(folder: Path) -> None:
+    """The recorded run would neither block nor mismatch under NCCL's rules (executor.nccl_rules)."""
+    from executor.nccl_rules import check
+
+    findings = check(folder)
+    assert not findings, "\n".join(findings[:5])

@@ -27,7 +27,7 @@ SEED = 5
 
 
 def configs_for(world: int, family: str) -> list[str]:
-    """The configurations checked for one family at this world size (the issue's Must-show list)."""
+    """The configurations checked for one family at this world size."""
     uses_cfg = family != "flux"
     if world == 2:
         return (["cfg=2"] if uses_cfg else []) + ["dp=2", "ulysses=2", "ring=2"]

@@ -1,4 +1,4 @@
-"""CFG, data and sequence parallel pipelines against the serial loop, per family (issue 4 Must-show).
+"""CFG, data and sequence parallel pipelines against the serial loop, per family.
 
 Two process groups do every check: one of 2 ranks (CFG 2, DP 2, Ulysses 2, Ring 2 for all six
 families, and a refusal), one of 4 ranks (CFG 2 x DP 2, CFG 2 x Ulysses 2, USP 2x2 for all six; Ring 4
@@ -15,7 +15,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from executor_spawn import run_ranks  # noqa: E402
+from executor_spawn import assert_follows_nccl_rules, recorded_communication, run_ranks  # noqa: E402
 from parallel_worker import configs_for  # noqa: E402
 
 WORKER = HERE / "parallel_worker.py"
@@ -25,10 +25,11 @@ PIXEL_TOLERANCE = 1.0  # one 8-bit level
 
 def _run(world: int, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp(f"world{world}")
-    outcomes = run_ranks(WORKER, world, [str(world), str(folder)], deadline_s=420)
+    with recorded_communication(folder / "communication"):
+        outcomes = run_ranks(WORKER, world, [str(world), str(folder)], deadline_s=420)
     for rank, (code, output) in enumerate(outcomes):
         assert code == 0, f"rank {rank} exited with {code}:\n{output[-4000:]}"
-    return {rank: json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)}
+    return {"folder": folder, **{rank: json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)}}
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,12 @@ def test_impossible_plan_is_refused_alike_on_every_rank(world2):
     assert all("message" in m for m in messages), messages
     assert messages[0]["message"] == messages[1]["message"]
     assert "cfg=2" in messages[0]["message"] and "classifier-free guidance" in messages[0]["message"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_plan_follows_nccl_rules(world, request):
+    """Every configuration both worlds ran (CFG, DP, Ulysses, Ring, USP and their hybrids, refusals
+    included) replays under NCCL's rules without blocking or mismatching."""
+    results = request.getfixturevalue(f"world{world}")
+    assert_follows_nccl_rules(results["folder"] / "communication")

@@ -83,6 +83,9 @@ def run_case(case: Case, groups: dict[tuple[int, ...], Any]) -> dict[str, Any] |
 def worker(rank: int, world: int, port: int, cases: list[Case], out_path: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
+    from executor.comm_trace import install_from_environment
+
+    install_from_environment()  # before the group exists: the NCCL rule checker needs every call
     # A hung receive raises after this long instead of blocking the test run.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     with reported_results(rank, out_path) as results:

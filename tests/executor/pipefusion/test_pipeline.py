@@ -1,4 +1,4 @@
-"""Distributed PipeFusion against the one-process references (issue 5, Must show 1, 2 and 5).
+"""Distributed PipeFusion against the one-process references.
 
 Two spawns only (a process start with torch + diffusers costs seconds): one of 2 ranks runs every
 pipefusion-2 case of every family, one of 4 ranks every pipefusion-4, pipefusion-2 x Ulysses-2,
@@ -16,6 +16,8 @@ import pytest
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from executor_spawn import assert_follows_nccl_rules, recorded_communication  # noqa: E402
 import pf_worker  # noqa: E402
 from pf_tiny import FAMILIES  # noqa: E402
 
@@ -32,7 +34,10 @@ def _free_port() -> int:
 
 def _run(world: int, cases: list[dict], tmp_path: Path) -> list[dict]:
     out = tmp_path / f"results{world}.json"
-    mp.spawn(pf_worker.worker, args=(world, _free_port(), cases, str(out)), nprocs=world, join=True)
+    with recorded_communication(tmp_path / f"communication{world}") as calls:
+        mp.spawn(pf_worker.worker, args=(world, _free_port(), cases, str(out)), nprocs=world, join=True)
+    # Every stage count, hybrid and family of the spawn replays under NCCL's rules.
+    assert_follows_nccl_rules(calls)
     data = json.loads(out.read_text())
     assert data["error"] is None, data["error"]
     assert len(data["results"]) == len(cases)

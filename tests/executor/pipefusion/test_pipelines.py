@@ -1,4 +1,4 @@
-"""PipeFusion on the executor's tiny diffusers pipelines (issue 5, Must show 1-3), end to end:
+"""PipeFusion on the executor's tiny diffusers pipelines, end to end:
 `executor.parallelize(pipe, plan=...)` under 2 processes against the one-process loops."""
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from executor_spawn import assert_follows_nccl_rules, recorded_communication  # noqa: E402
 import pf_pipeline_worker  # noqa: E402
 from pf_pipeline_worker import STEPS, _eight_bit, _psnr, _request  # noqa: E402
 
@@ -29,7 +31,9 @@ def _run_and_check(world: int, cases: list[dict], tmp_path: Path) -> None:
     """Run `cases` on `world` ranks; each must match the one-process patch-sequential loop (and,
     with warmup = steps, the serial loop) within 1e-4 on latents and one level on 8-bit images."""
     out = tmp_path / "results.json"
-    mp.spawn(pf_pipeline_worker.worker, args=(world, _free_port(), cases, str(out)), nprocs=world, join=True)
+    with recorded_communication(tmp_path / "communication") as calls:
+        mp.spawn(pf_pipeline_worker.worker, args=(world, _free_port(), cases, str(out)), nprocs=world, join=True)
+    assert_follows_nccl_rules(calls)
     data = json.loads(out.read_text())
     assert data["error"] is None, data["error"]
     assert len(data["results"]) == len(cases)

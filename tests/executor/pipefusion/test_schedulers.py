@@ -1,4 +1,4 @@
-"""Patch-by-patch scheduler steps equal the scheduler's own full-latent step (issue 5, item 5)."""
+"""Patch-by-patch scheduler steps equal the scheduler's own full-latent step."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""The one-process patch-sequential algorithm (`pipefusion=1, patches=M`), issue 5 Must show 1 and 3."""
+"""The one-process patch-sequential algorithm (`pipefusion=1, patches=M`)."""
 from __future__ import annotations
 
 import sys

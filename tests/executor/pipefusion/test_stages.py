@@ -1,4 +1,4 @@
-"""Staged transformers, stale-KV attention and per-stage parameters (issue 5, items 1-3)."""
+"""Staged transformers, stale-KV attention and per-stage parameters."""
 from __future__ import annotations
 
 import sys

@@ -92,6 +92,9 @@ def check_refusals(rank: int, ulysses_group, record) -> None:
 def main() -> None:
     rank, world, init_file, result_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
+    from executor.comm_trace import install_from_environment
+
+    install_from_environment()  # before the group exists: the NCCL rule checker needs every call
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     import tiny_transformers as tiny
     from costmodel.errors import DitplanError

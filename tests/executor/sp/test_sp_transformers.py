@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from executor.comm_trace import TRACE_ENV
+from executor.nccl_rules import check
+
 WORKER = Path(__file__).resolve().parent / "sp_worker.py"
+COMMUNICATION: dict[int, Path] = {}  # world size -> the folder of its ranks' recorded calls
 FAMILIES = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
 TOLERANCE = 1e-5
 DEADLINE_S = 400  # both spawns on a 2-core machine take about a minute each
@@ -25,7 +29,8 @@ DEADLINE_S = 400  # both spawns on a 2-core machine take about a minute each
 
 def run_ranks(world: int, workdir: Path) -> list[dict[str, object]]:
     """Start `world` worker processes and return each rank's results; kill them all if one fails or time runs out."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", TRACE_ENV: str(workdir / "communication")}
+    COMMUNICATION[world] = workdir / "communication"
     init_file = workdir / "init"
     processes = []
     for rank in range(world):
@@ -116,3 +121,11 @@ def test_sizes_that_do_not_fit_are_refused_on_every_rank(two_ranks, check, words
         assert isinstance(message, str) and message.startswith("DitplanError: "), f"rank {rank}, {check}: {message}"
         for word in words:
             assert word in message, f"rank {rank}, {check}: {word!r} not in {message!r}"
+
+
+@pytest.mark.timeout(DEADLINE_S + 60)
+def test_every_layout_follows_nccl_rules(two_ranks, four_ranks):
+    """Ulysses, Ring, USP on every family replay under NCCL's rules without blocking or mismatching."""
+    for world in (2, 4):
+        findings = check(COMMUNICATION[world])
+        assert not findings, "\n".join(findings[:5])
