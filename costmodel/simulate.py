@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from costmodel import compute
-from costmodel.compute import BlockWork
+from costmodel.flops import BlockWork, Flops, step_flops
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
 from costmodel.rules import ensure_valid_config
@@ -85,7 +85,13 @@ class SimResult:
     memory: dict[str, float]
     text_encode_s: float
     vae_decode_s: float
+    flops: Flops = field(default_factory=Flops)  # one step of the whole transformer, whole batch
     trace: list[dict[str, Any]] | None = None
+
+    @property
+    def end_to_end_s(self) -> float:
+        """Text encoding + denoising loop + VAE decode."""
+        return self.text_encode_s + self.latency_s + self.vae_decode_s
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of `ditplan simulate`."""
@@ -94,7 +100,9 @@ class SimResult:
             "placement": list(self.placement), "height": self.height, "width": self.width, "frames": self.frames,
             "steps": self.steps, "latency_s": self.latency_s, "per_step_s": self.per_step_s,
             "memory_gib": self.memory_gib, "memory_capacity_gib": self.memory_capacity_gib,
-            "feasible": self.feasible, "reason": self.reason, "breakdown": dict(self.breakdown),
+            "feasible": self.feasible, "reason": self.reason,
+            "breakdown": {**self.breakdown, **{f"{key}_per_step": value for key, value in self.flops.as_dict().items()}},
+            "flops_per_step": self.flops.total, "end_to_end_s": self.end_to_end_s,
             "comm_by_tier": dict(self.comm_by_tier), "memory": dict(self.memory),
             "text_encode_s": self.text_encode_s, "vae_decode_s": self.vae_decode_s,
         }
@@ -198,11 +206,10 @@ def _block_cost(st: _Setup, kind: str, image_tokens: int, text_tokens: int, skip
     comm = 0.0
     if kind == "temporal":
         # SP splits spatial positions, so every rank holds whole frame sequences: no communication.
-        work = BlockWork(kind, st.batch, image_tokens, 0, st.frames_tokens, st.frames_tokens, 1.0)
         positions = max(1, image_tokens // max(1, st.frames_tokens))
-        attn = compute.attention_seconds(cluster.hardware, st.batch * model.num_heads * positions,
-                                         st.frames_tokens, st.frames_tokens, model.head_dim)
-        return _BlockCost(compute.block_seconds(cluster, model, work, attention=attn), 0.0, tiers)
+        work = BlockWork(kind, st.batch, image_tokens, 0, st.frames_tokens, st.frames_tokens, 1.0,
+                         attn_groups=positions)
+        return _BlockCost(compute.block_seconds(cluster, model, work), 0.0, tiers)
     # After Ulysses' all-to-all a rank holds its ring shard of the queries for heads/u heads: the image
     # tokens plus the whole text, or with a split text the joint chunk (text and image) of its group.
     shard_rows = image_tokens + (text_rows if text_split else 0)  # what the all-to-all and ring hops carry
@@ -210,15 +217,20 @@ def _block_cost(st: _Setup, kind: str, image_tokens: int, text_tokens: int, skip
     text_keys = 0 if text_split else st.text  # the text keys every rank holds, attended once
     full_keys = st.tokens + st.text
     queries = shard_rows * u + held_text
-    work = BlockWork(kind, st.batch, image_tokens, text_rows, queries, full_keys, 1.0 / u, skip_linear)
+    # Latte's spatial blocks attend within each frame: one sequence per frame, of that frame's tokens.
+    groups = st.frames_tokens if model.has_temporal_blocks else 1
+    work = BlockWork(kind, st.batch, image_tokens, text_rows, max(1, queries // groups), max(1, full_keys // groups),
+                     1.0 / u, skip_linear, attn_groups=groups)
     hw = cluster.hardware
     attention = None
     extra_gpu = 0.0
     extra_ops = 0
     if r > 1:
-        batch_heads = st.batch * model.num_heads / u
-        chunk = compute.attention_seconds(hw, batch_heads, queries, max(1, (full_keys - text_keys) // r), model.head_dim)
-        text_part = compute.attention_seconds(hw, batch_heads, queries, text_keys, model.head_dim) if text_keys else 0.0
+        batch_heads = st.batch * model.num_heads / u * groups
+        group_queries = max(1, queries // groups)
+        chunk_keys = max(1, (full_keys - text_keys) // (r * groups))
+        chunk = compute.attention_seconds(hw, batch_heads, group_queries, chunk_keys, model.head_dim)
+        text_part = compute.attention_seconds(hw, batch_heads, group_queries, text_keys, model.head_dim) if text_keys else 0.0
         out_bytes = st.batch * queries * (h / u) * 4  # the fp32 running output
         merge = compute.elementwise_seconds(hw, RING_MERGE_PASSES * out_bytes, out_bytes)
         hop_bytes = 2.0 * st.batch * shard_rows * h * b  # K and V of the local shard for the local heads
@@ -541,7 +553,7 @@ def _result(st: _Setup, core: dict[str, Any], trace: list | None) -> SimResult:
         placement=list(st.placement.order), height=st.height, width=st.width, frames=st.frames, steps=st.steps,
         latency_s=core["latency"], per_step_s=core["per_step"], memory_gib=total, memory_capacity_gib=capacity,
         feasible=feasible, reason=reason, breakdown=core["breakdown"], comm_by_tier=core["tiers"], memory=memory,
-        text_encode_s=text_s, vae_decode_s=vae_s, trace=trace,
+        text_encode_s=text_s, vae_decode_s=vae_s, flops=step_flops(st.model, st.height, st.width, st.frames), trace=trace,
     )
 
 
