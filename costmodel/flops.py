@@ -10,6 +10,7 @@ per head); the elementwise rest counts one FLOP per element an operator writes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from costmodel.specs import ModelSpec
 
@@ -152,6 +153,7 @@ def block_flops(model: ModelSpec, work: BlockWork) -> Flops:
     return ops_flops(model, block_ops(model, work))
 
 
+@lru_cache(maxsize=1024)
 def step_flops(model: ModelSpec, height: int, width: int, frames: int) -> Flops:
     """One denoising step of the whole transformer on one GPU: the whole batch (both CFG halves),
     every block at full sequence length, plus the text's context projection into the blocks."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from costmodel.config import ParallelConfig
 from costmodel.errors import DitplanError
@@ -19,11 +19,25 @@ from profiles import PROFILES_DIR
 PUBLIC_CSV = PROFILES_DIR / "validation" / "public.csv"
 COLUMNS = ("scenario", "model", "height", "width", "frames", "steps", "cluster", "gpus", "cfg", "ulysses", "ring",
            "pipefusion", "patches", "warmup", "dp", "latency_s")
-# Sources whose published figure covers the whole generation (text encoders + loop + VAE decode).
+# Sources whose published figure covers the whole generation (text encoders + loop + VAE decode),
+# unless the row carries PER_STEP_TAG: a chart of seconds per step times the steps, transformer only.
 END_TO_END_SOURCES = ("xDiT docs",)
+PER_STEP_TAG = "[per-step x50]"
+# The `quality` of a published figure faster than its own settings allow (public.csv's README gives
+# the rule): it counts in error figures, not in whether the predicted best is the published best.
+INCONSISTENT = "inconsistent"
 
 
-def _config(row: dict[str, str]) -> ParallelConfig:
+def is_end_to_end(row: dict[str, Any]) -> bool:
+    source = str(row.get("source", ""))
+    return any(s in source for s in END_TO_END_SOURCES) and PER_STEP_TAG not in source
+
+
+def published_latency(row: dict[str, Any]) -> float:
+    return float(row["latency_s"])
+
+
+def row_config(row: dict[str, str]) -> ParallelConfig:
     def degree(key: str, default: int | None) -> int | None:
         text = (row.get(key) or "").strip()
         return default if not text else int(text)
@@ -46,23 +60,32 @@ def read_rows(path: str | Path | None = None) -> list[dict[str, str]]:
         raise DitplanError(f"{path}: cannot read the measurements ({error.strerror}).") from None
 
 
-def predict_row(row: dict[str, str]) -> dict[str, Any]:
-    """One measurement row -> the row plus `predicted_s` (and `error_pct`), or `reason` if it cannot be simulated."""
+def prediction_parts(row: dict[str, Any], cluster: Any) -> tuple[float, Any]:
+    """(the prediction to compare with the row's latency, the SimResult) on `cluster` (a Cluster)."""
     from costmodel.simulate import simulate
+
+    result = simulate(row["model"], cluster, row_config(row), height=int(row["height"]), width=int(row["width"]),
+                      frames=int(row["frames"] or 1), steps=int(row["steps"]))
+    return (result.end_to_end_s if is_end_to_end(row) else result.latency_s), result
+
+
+def predict_row(row: dict[str, str], cluster_for: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
+    """One measurement row -> the row plus `predicted_s` (and `error_pct`), or `reason` if it cannot be simulated.
+
+    `cluster_for(cluster id, gpus)` gives the cluster to predict on (default: the built-in one).
+    """
     from costmodel.topology import load_cluster
 
     out: dict[str, Any] = dict(row)
     try:
-        config = _config(row)
-        cluster = load_cluster(row["cluster"], gpus=int(row["gpus"]))
-        result = simulate(row["model"], cluster, config, height=int(row["height"]), width=int(row["width"]),
-                          frames=int(row["frames"] or 1), steps=int(row["steps"]))
+        config = row_config(row)
+        cluster = (cluster_for or (lambda name, gpus: load_cluster(name, gpus=gpus)))(row["cluster"], int(row["gpus"]))
+        predicted, result = prediction_parts(row, cluster)
     except (DitplanError, ValueError) as error:
         out.update(config=None, predicted_s=math.nan, error_pct=math.nan, reason=str(error))
         return out
-    end_to_end = any(source in row.get("source", "") for source in END_TO_END_SOURCES)
-    predicted = result.latency_s + (result.text_encode_s + result.vae_decode_s if end_to_end else 0.0)
-    published = float(row["latency_s"])
+    end_to_end = is_end_to_end(row)
+    published = published_latency(row)
     out.update(config=str(config), predicted_s=predicted, timed="end to end" if end_to_end else "denoising loop",
                error_pct=100.0 * (predicted - published) / published, feasible=result.feasible, reason=result.reason)
     return out
