@@ -134,8 +134,54 @@ def superlinear_notes(table) -> list[str]:
     return notes
 
 
+def cross_validated_table(path: str | Path | None = None):
+    """Like `validation_table`, but each scenario predicted by constants calibrated without it
+    (every other public scenario), starting from the datasheet-based priors."""
+    import pandas as pd
+
+    from costmodel.calibration import leave_one_scenario_out
+
+    rows = read_rows(path)
+    predicted = {(r["scenario"], r["gpus"], str(row_config(r)), r["latency_s"]): r for r in leave_one_scenario_out(rows)}
+    out = []
+    for row in rows:
+        hit = predicted.get((row["scenario"], row["gpus"], str(row_config(row)), row["latency_s"]))
+        out.append({**row, "config": str(row_config(row)), "predicted_s": hit["predicted_s"] if hit else math.nan,
+                    "error_pct": hit["error_pct"] if hit else math.nan})
+    table = pd.DataFrame(out)
+    for column in ("latency_s", "height", "width", "frames", "steps", "gpus"):
+        table[column] = pd.to_numeric(table[column])
+    return table
+
+
+def _best_candidates(group):
+    """The rows that compete for "best": measured ones, without figures flagged inconsistent."""
+    group = group.dropna(subset=["predicted_s"])
+    if "quality" in group:
+        group = group[group["quality"] != INCONSISTENT]
+    return group
+
+
+def group_summary(table) -> "Any":
+    """Per (scenario, GPU count) with two or more comparable rows: published best, predicted best, agreement."""
+    import pandas as pd
+
+    summaries = []
+    for (scenario, gpus), group in table.groupby(["scenario", "gpus"], sort=False):
+        group = _best_candidates(group)
+        if len(group) < 2:
+            continue
+        published_best = group.loc[group["latency_s"].idxmin()]
+        predicted_best = group.loc[group["predicted_s"].idxmin()]
+        summaries.append({"scenario": scenario, "gpus": int(gpus), "rows": len(group),
+                          "published_best": published_best["config"], "predicted_best": predicted_best["config"],
+                          "best_agrees": bool(published_best.name == predicted_best.name)})
+    return pd.DataFrame(summaries, columns=["scenario", "gpus", "rows", "published_best", "predicted_best", "best_agrees"])
+
+
 def scenario_summary(table) -> "Any":
-    """Per scenario: rows, Spearman rank correlation, published best, predicted best, whether they agree."""
+    """Per scenario: rows, Spearman rank correlation, published best, predicted best, whether they agree
+    (the best among rows not flagged inconsistent)."""
     import pandas as pd
     from scipy.stats import spearmanr
 
@@ -144,8 +190,9 @@ def scenario_summary(table) -> "Any":
         group = group.dropna(subset=["predicted_s"])
         if group.empty:
             continue
-        published_best = group.loc[group["latency_s"].idxmin()]
-        predicted_best = group.loc[group["predicted_s"].idxmin()]
+        candidates = _best_candidates(group)
+        published_best = candidates.loc[candidates["latency_s"].idxmin()]
+        predicted_best = candidates.loc[candidates["predicted_s"].idxmin()]
         rho = float(spearmanr(group["latency_s"], group["predicted_s"]).statistic) if len(group) > 2 else math.nan
         summaries.append({
             "scenario": scenario, "rows": len(group), "spearman": rho,
