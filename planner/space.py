@@ -19,6 +19,9 @@ from costmodel.errors import DitplanError
 FACTOR_AXES: tuple[str, ...] = ("ulysses", "ring", "pipefusion", "dp")
 MAX_PATCH_FACTOR = 4  # patches from p up to 4p (the papers suggest M close to p; more only shrinks kernels)
 WARMUPS: tuple[int, ...] = (0, 1, 2)  # synchronous warmup steps tried where the patch pipeline runs
+# The search's floor on them unless the caller lowers it: with none, the first pipelined step attends
+# to K/V that no step has computed yet, which costs image quality.
+DEFAULT_MIN_WARMUP = 1
 MAX_GPUS_PER_SEARCH = 1 << 16  # a sanity bound on `--gpus`, far above any cluster we ship
 
 
