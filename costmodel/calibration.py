@@ -29,6 +29,10 @@ from costmodel.topology import Cluster, LinkSpec, load_cluster
 # times the parameter's relative change.
 MEASUREMENT_SPREAD = 0.05
 PRIOR_SPREAD = 0.5
+# A parameter is fitted only where the rows pin it down: to within this relative spread (from the
+# rows' sensitivity to it at the prior, at MEASUREMENT_SPREAD per row). The others keep their prior:
+# a latency of a few microseconds, say, that changes no row by more than the noise.
+IDENTIFIABLE = 0.2
 # Physical bounds. GEMMs in eager PyTorch reach 30-90 % of the tensor-core peak (cuBLAS at DiT
 # shapes); FlashAttention-style kernels 20-85 %; an eager operator costs the host 4-60 us (a fast
 # server core issuing a cached kernel to a slow or loaded one going through Python module calls).
@@ -62,6 +66,7 @@ class Parameter:
     replaced: float  # the value in the profile before this calibration
     value: float = math.nan
     sigma: float = math.nan  # one standard deviation, in the parameter's unit
+    fitted: bool = True  # False: the rows do not constrain it, so it stays at its prior
 
     @property
     def label(self) -> str:
@@ -167,34 +172,55 @@ def _fit(parameters: list[Parameter], rows: list[dict[str, Any]], predict: Calla
     if not parameters:
         return
     measured = np.array([float(row["latency_s"]) for row in rows])
-    x0 = np.log([p.prior for p in parameters])
-    priors = x0.copy()
+    at_priors = {**fixed, **{p.label: p.prior for p in parameters}}
+    free = [p for p in parameters if rows and _pinned(p, rows, predict, at_priors)]
+    for parameter in parameters:
+        if parameter not in free:
+            parameter.value, parameter.sigma, parameter.fitted = parameter.prior, math.nan, False
+    if not free:
+        return
+    fixed = {**at_priors, **{p.label: p.prior for p in parameters if p not in free}}
+    x0 = np.log([p.prior for p in free])
     weight = MEASUREMENT_SPREAD / PRIOR_SPREAD
 
-    def values_of(x: Any) -> dict[str, float]:
-        return {**fixed, **{p.label: float(math.exp(v)) for p, v in zip(parameters, x)}}
-
     def residuals(x: Any) -> Any:
-        values = values_of(x)
+        values = {**fixed, **{p.label: float(math.exp(v)) for p, v in zip(free, x)}}
         predicted = np.array([predict(row, values) for row in rows])
-        return np.concatenate([np.log(predicted / measured), weight * (x - priors)])
+        return np.concatenate([np.log(predicted / measured), weight * (x - x0)])
 
-    lower = np.log([p.low for p in parameters])
-    upper = np.log([p.high for p in parameters])
-    if rows:
-        # Tolerances well below the 3 significant digits the profiles keep.
-        result = least_squares(residuals, x0, bounds=(lower, upper), diff_step=1e-3, xtol=1e-5, ftol=1e-5, gtol=1e-8)
-        x, jacobian, fitted = result.x, result.jac, result.fun[:len(rows)]
-    else:
-        x, jacobian, fitted = x0, weight * np.eye(len(parameters)), np.zeros(0)
+    lower = np.log([p.low for p in free])
+    upper = np.log([p.high for p in free])
+    # Tolerances well below the 3 significant digits the profiles keep.
+    result = least_squares(residuals, x0, bounds=(lower, upper), diff_step=1e-3, xtol=1e-5, ftol=1e-5, gtol=1e-8)
+    fitted = result.fun[:len(rows)]
     # Residual variance: the rows' own scatter where there are more rows than parameters, never below
     # the measurement spread.
-    dof = len(rows) - len(parameters)
+    dof = len(rows) - len(free)
     variance = max(MEASUREMENT_SPREAD**2, float(fitted @ fitted) / dof if dof > 0 else 0.0)
-    covariance = np.linalg.pinv(jacobian.T @ jacobian) * variance
-    for index, parameter in enumerate(parameters):
-        parameter.value = float(math.exp(x[index]))
+    covariance = np.linalg.pinv(result.jac.T @ result.jac) * variance
+    for index, parameter in enumerate(free):
+        parameter.value = float(math.exp(result.x[index]))
         parameter.sigma = float(parameter.value * math.sqrt(max(0.0, covariance[index, index])))
+
+
+def _pinned(parameter: Parameter, rows: list[dict[str, Any]], predict: Callable[[dict[str, Any], dict[str, float]], float],
+            values: dict[str, float]) -> bool:
+    """Whether the rows determine `parameter` to within IDENTIFIABLE (the other parameters at their priors).
+
+    The sensitivity is taken over a wide step each way (x/1.65 and x1.65, within the bounds): a host
+    overhead or a link hidden behind compute at the prior only shows once it grows past it.
+    """
+    base = [math.log(predict(row, values)) for row in rows]
+    best = 0.0
+    for step in (-0.5, 0.5):
+        moved_value = min(max(parameter.prior * math.exp(step), parameter.low), parameter.high)
+        moved = math.log(moved_value / parameter.prior)
+        if abs(moved) < 1e-9:
+            continue
+        shifted = [math.log(predict(row, {**values, parameter.label: moved_value})) for row in rows]
+        information = sum((b - a) ** 2 for a, b in zip(base, shifted)) / (moved * MEASUREMENT_SPREAD) ** 2
+        best = max(best, information)
+    return best > 0 and 1.0 / math.sqrt(best) < IDENTIFIABLE
 
 
 def calibrate(rows: list[dict[str, str]], clusters: list[str] | None = None,

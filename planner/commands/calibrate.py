@@ -101,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(calibration: Any, loso: list[dict[str, Any]], written: list[Path], fmt: str) -> None:
-    parameters = [{"parameter": p.label, "value": p.value, "sigma": p.sigma, "replaced": p.replaced, "prior": p.prior,
-                   "low": p.low, "high": p.high, "unit": p.unit, "at_bound": p.at_bound} for p in calibration.parameters]
+    parameters = [{"parameter": p.label, "value": p.value, "sigma": p.sigma if p.fitted else None, "replaced": p.replaced, "prior": p.prior,
+                   "low": p.low, "high": p.high, "unit": p.unit, "at_bound": p.fitted and p.at_bound,
+                   "fitted": p.fitted} for p in calibration.parameters]
     residuals = [{"scenario": r["scenario"], "gpus": int(r["gpus"]), "config": _config_text(r),
                   "measured_s": float(r["latency_s"]), "predicted_s": r["predicted_s"], "error_pct": r["error_pct"]}
                  for r in calibration.rows]
@@ -120,8 +121,10 @@ def _report(calibration: Any, loso: list[dict[str, Any]], written: list[Path], f
         })
         return
     print(common.format_table(
-        [(p["parameter"], f"{p['value']:.3g}", f"± {p['sigma']:.2g}", f"{p['replaced']:.3g}",
-          f"[{p['low']:g}, {p['high']:g}] {p['unit']}", "at bound" if p["at_bound"] else "") for p in parameters],
+        [(p["parameter"], f"{p['value']:.3g}", f"± {p['sigma']:.2g}" if p["fitted"] else "-", f"{p['replaced']:.3g}",
+          f"[{p['low']:g}, {p['high']:g}] {p['unit']}",
+          "at bound" if p["at_bound"] else ("" if p["fitted"] else "prior: the rows do not constrain it"))
+         for p in parameters],
         ("parameter", "fitted", "uncertainty", "replaced", "bound", ""), align="lrrrll"))
     print()
     print(common.format_table(
