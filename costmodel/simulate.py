@@ -18,7 +18,6 @@ Method models (MECHANICS.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from costmodel import compute
@@ -125,34 +124,6 @@ class _Setup:
     groups: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
 
 
-def _groups(placement: Placement, axes: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
-    """Groups of ranks that share every coordinate except `axes` (ordered by rank)."""
-    config = placement.config  # the groups depend on the degrees only: cache without patches/warmup
-    degrees = ParallelConfig(cfg=config.cfg, ulysses=config.ulysses, ring=config.ring,
-                             pipefusion=config.pipefusion, dp=config.dp)
-    return _groups_cached(degrees, placement.order, axes)
-
-
-@lru_cache(maxsize=4096)
-def _groups_cached(config: ParallelConfig, order: tuple[str, ...], axes: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
-    # Arithmetic on rank strides (rank = sum of coordinate x stride) rather than a coordinate lookup
-    # per rank: the planner builds these for thousands of placements of up to 1024 ranks. Groups come
-    # in increasing order of their lowest rank; members ordered by the last axis's coordinate first.
-    strides: dict[str, int] = {}
-    world = 1
-    for axis in order:
-        strides[axis] = world
-        world *= config.degree(axis)
-    offsets = [0]
-    for axis in reversed(axes):
-        offsets = [offset + c * strides[axis] for offset in offsets for c in range(config.degree(axis))]
-    bases = [0]
-    for axis in reversed(order):  # the other axes, innermost varying fastest: bases ascend
-        if axis not in axes:
-            bases = [base + c * strides[axis] for base in bases for c in range(config.degree(axis))]
-    return tuple(tuple(base + offset for offset in offsets) for base in bases)
-
-
 def _setup(model: Any, cluster: Any, config: Any, height: int | None, width: int | None, frames: int | None,
            steps: int | None, placement: Any) -> _Setup:
     model = load_model(model)
@@ -179,7 +150,7 @@ def _setup(model: Any, cluster: Any, config: Any, height: int | None, width: int
     )
     for name, axes in (("ulysses", ("ulysses",)), ("ring", ("ring",)), ("sp", ("ulysses", "ring")),
                        ("cfg", ("cfg",)), ("pipefusion", ("pipefusion",))):
-        setup.groups[name] = _groups(placement, axes)
+        setup.groups[name] = placement.groups_of(axes)
     return setup
 
 
@@ -509,7 +480,7 @@ def _text_split(st: _Setup) -> bool:
     """Whether the executor splits the joint text over the SP ranks in this configuration."""
     config = st.config
     return (st.model.family in TEXT_SPLIT_FAMILIES and st.text > 0 and config.sp > 1 and st.text % config.sp == 0
-            and config.pipefusion == 1 and not config.uses_patches)
+            and not config.pipelines)
 
 
 def _non_pipeline(st: _Setup, trace: list | None) -> dict[str, Any]:
@@ -563,7 +534,7 @@ def simulate(model: Any, cluster: Any, config: Any, height: int | None = None, w
     """Predict one configuration; a configuration that breaks a rule raises DitplanError naming each rule."""
     st = _setup(model, cluster, config, height, width, frames, steps, placement)
     events: list | None = [] if trace else None
-    if st.config.pipefusion > 1 or st.config.uses_patches:
+    if st.config.pipelines:
         core = _pipefusion(st, events)
     else:
         core = _non_pipeline(st, events)
@@ -583,7 +554,7 @@ def estimate(model: Any, cluster: Any, config: Any, height: int | None = None, w
     Cheap for any GPU count; within a few percent of `simulate` where the pipeline is balanced.
     """
     st = _setup(model, cluster, config, height, width, frames, steps, placement)
-    if not (st.config.pipefusion > 1 or st.config.uses_patches):
+    if not st.config.pipelines:
         return _result(st, _non_pipeline(st, None), None)
     config, model = st.config, st.model
     p, M, sp = config.pipefusion, config.patches, config.sp

@@ -129,28 +129,6 @@ def full_order(config: ParallelConfig, inner_order: tuple[str, ...]) -> tuple[st
     return (*inner_order, *(axis for axis in DEFAULT_PLACEMENT if axis not in inner_order))
 
 
-def axis_strides(config: ParallelConfig, order: tuple[str, ...]) -> dict[str, int]:
-    """Rank stride of each axis under `order`: the product of the degrees of the axes inside it."""
-    strides: dict[str, int] = {}
-    stride = 1
-    for axis in order:
-        strides[axis] = stride
-        stride *= config.degree(axis)
-    return strides
-
-
-def axis_groups(world: int, stride: int, degree: int) -> list[tuple[int, ...]]:
-    """The groups of an axis with this stride and degree in a world of `world` ranks.
-
-    Same as `Placement.groups` computed arithmetically, so it costs O(world) rather than O(world * axes).
-    """
-    return [
-        tuple(base + k * stride for k in range(degree))
-        for base in range(world)
-        if (base // stride) % degree == 0
-    ]
-
-
 def _log2(value: int) -> int | None:
     """log2 of a power of two, else None."""
     return value.bit_length() - 1 if value > 0 and value & (value - 1) == 0 else None
@@ -220,7 +198,7 @@ def _distinct_orders(degrees: tuple[int, ...], hierarchy: Hierarchy | None) -> t
     for inner in [axes, *(perm for perm in itertools.permutations(axes) if perm != axes)]:
         signature = hierarchy.signature(config, inner) if hierarchy is not None else None
         if signature is None:
-            strides = axis_strides(config, inner)
+            strides = Placement(config, full_order(config, inner)).strides
             signature = tuple((axis, strides[axis]) for axis in axes)
         if signature in seen:
             continue
