@@ -184,11 +184,11 @@ class Cluster:
         for node in range(self.nodes):
             mapping = {v: f"n{node}/{v}" for v in self.node_graph.nodes}
             whole.update(nx.relabel_nodes(self.node_graph, mapping))
-        for _, _, data in whole.edges(data=True):
-            data["link"] = tiers[data["tier"]]
             if self.network is not None:
                 for nic in range(self.nics_per_node):
                     whole.add_edge(f"n{node}/nic{nic}", "network", link=self.network, tier="network")
+        for _, _, data in whole.edges(data=True):
+            data["link"] = tiers[data["tier"]]  # this cluster's figures (copies share one node graph)
         return whole
 
     # ----- routing -----
