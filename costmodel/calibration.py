@@ -82,6 +82,7 @@ class Calibration:
     parameters: list[Parameter]
     rows: list[dict[str, Any]]  # the rows used, each with predicted_s and error_pct under the fitted values
     bases: dict[str, Cluster] = field(default_factory=dict, repr=False)
+    left_out: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # rows the model cannot price, why
 
     def value(self, scope: str, name: str) -> float | None:
         for parameter in self.parameters:
@@ -238,7 +239,14 @@ def calibrate(rows: list[dict[str, str]], clusters: list[str] | None = None,
     def predict(row: dict[str, Any], values: dict[str, float]) -> float:
         return prediction_parts(row, _apply(starts[row["cluster"]], int(row["gpus"]), values))[0]
 
-    usable = [row for row in rows if row["cluster"] in starts and _priceable(row, starts[row["cluster"]])]
+    usable, left_out = [], []
+    for row in rows:
+        if row["cluster"] in starts:
+            reason = _unpriceable(row, starts[row["cluster"]])
+            if reason:
+                left_out.append((row, reason))
+            else:
+                usable.append(row)
     if not usable:
         raise DitplanError(f"no measurement row names cluster {' or '.join(names)} with a model and configuration "
                            "the cost model can price; nothing to calibrate.")
@@ -264,17 +272,26 @@ def calibrate(rows: list[dict[str, str]], clusters: list[str] | None = None,
         predicted = predict(row, values)
         published = published_latency(row)
         fitted_rows.append({**row, "predicted_s": predicted, "error_pct": 100.0 * (predicted - published) / published})
-    return Calibration(parameters, fitted_rows, bases)
+    return Calibration(parameters, fitted_rows, bases, left_out)
 
 
-def _priceable(row: dict[str, str], start: Cluster) -> bool:
+def _unpriceable(row: dict[str, str], start: Cluster) -> str:
+    """Why the cost model cannot price `row` (a model it does not know, a configuration that breaks a
+    rule), or "" where it can. A malformed row is the user's mistake and stops the calibration."""
     from costmodel.validation import prediction_parts
 
+    for key in ("height", "width", "steps", "gpus", "latency_s"):
+        try:
+            value = float(row[key])
+        except (KeyError, TypeError, ValueError):
+            raise DitplanError(f"measurement row {row.get('scenario', '?')!r}: {key}={row.get(key)!r} is not a number.") from None
+        if not math.isfinite(value) or value <= 0:
+            raise DitplanError(f"measurement row {row.get('scenario', '?')!r}: {key}={row.get(key)!r} must be a positive number.")
     try:
         prediction_parts(row, _apply(start, int(row["gpus"]), {}))
-    except (DitplanError, ValueError):
-        return False
-    return True
+    except (DitplanError, ValueError) as error:
+        return str(error)
+    return ""
 
 
 def _patterns(config: ParallelConfig) -> set[str]:

@@ -1,6 +1,6 @@
 """Predicted vs published (and measured) latencies: the table behind `ditplan validate`.
 
-The public rows (profiles/validation/public.csv, a copy of ../shared/validation/public.csv) time the
+The public rows (profiles/validation/public.csv) time the
 denoising loop (PipeFusion paper: the transformer only) or the whole generation (xDiT's docs tables:
 end to end); the prediction compared is the matching one: `latency_s`, or `latency_s` plus text
 encoding and VAE decoding. pandas is imported here only, lazily, so the CLI stays light.

@@ -117,6 +117,8 @@ def _report(calibration: Any, loso: list[dict[str, Any]], written: list[Path], f
             "parameters": parameters, "residuals": residuals, "median_abs_error_pct": in_sample,
             "leave_one_scenario_out": {"median_abs_error_pct": loso_median,
                                        "scenarios": {s: statistics.median(e) for s, e in by_scenario.items()}},
+            "left_out": [{"scenario": row["scenario"], "gpus": row["gpus"], "reason": reason}
+                         for row, reason in calibration.left_out],
             "written": [str(p) for p in written],
         })
         return
@@ -132,6 +134,8 @@ def _report(calibration: Any, loso: list[dict[str, Any]], written: list[Path], f
         ("scenario", "GPUs", "config", "measured s", "predicted s", "residual %"), align="lrlrrr"))
     print()
     print(f"in-sample median absolute error: {in_sample:.1f}% over {len(residuals)} rows")
+    for row, reason in calibration.left_out:
+        print(f"left out {row['scenario']} on {row['gpus']} GPU(s): {reason}")
     if loso:
         for scenario, errors in by_scenario.items():
             print(f"  left out {scenario}: median {statistics.median(errors):.1f}% over {len(errors)} rows")
