@@ -31,7 +31,7 @@ from profiles import PROFILES_DIR
 HARDWARE_DIR = PROFILES_DIR / "hardware"
 CLUSTERS_DIR = PROFILES_DIR / "clusters"
 PATTERNS = ("all_to_all", "all_gather", "p2p")
-TIERS = ("nvlink", "pcie", "socket", "network")
+TIERS = ("nvlink", "pcie", "bridge", "socket", "network")
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,9 @@ class Cluster:
     network: LinkSpec | None
     measured: Measured | None
     node_graph: nx.Graph
+    # A PCIe switch's uplink to its socket's root complex, where it differs from the GPU-to-switch
+    # links (peer traffic between switches crosses it); None: the `pcie` figures.
+    bridge: LinkSpec | None = None
     priors: tuple[tuple[str, float], ...] = ()  # datasheet-based figures calibration replaced (see HardwareSpec)
     _paths: dict = field(default_factory=dict, repr=False)
     _pattern_cache: dict = field(default_factory=dict, repr=False)
@@ -139,7 +142,8 @@ class Cluster:
 
     def tiers(self) -> dict[str, LinkSpec]:
         out = {"pcie": self.pcie}
-        for name, link in (("socket", self.socket_link), ("nvlink", self.nvlink), ("network", self.network)):
+        for name, link in (("bridge", self.bridge), ("socket", self.socket_link), ("nvlink", self.nvlink),
+                           ("network", self.network)):
             if link is not None:
                 out[name] = link
         return out
@@ -156,7 +160,7 @@ class Cluster:
         """A copy with other GPU figures, host overhead or link figures (calibration, what-if studies);
         the topology is the same, so the graph keeps its routes with the new links on its edges."""
         links = links or {}
-        fields = {"pcie": "pcie", "socket": "socket_link", "nvlink": "nvlink", "network": "network"}
+        fields = {"pcie": "pcie", "bridge": "bridge", "socket": "socket_link", "nvlink": "nvlink", "network": "network"}
         values = {name: getattr(self, name) for name in self.__dataclass_fields__ if not name.startswith("_")}
         values.update({fields[tier]: link for tier, link in links.items()})
         current = self.tiers()
@@ -431,7 +435,7 @@ def _read_cluster(path_text: str) -> dict[str, Any]:
         ("nics", "notes"),
     )
     lw = f"{nw}.links"
-    links = strict.check_keys(node["links"], lw, ("pcie",), ("socket", "nvlink"))
+    links = strict.check_keys(node["links"], lw, ("pcie",), ("bridge", "socket", "nvlink"))
     sockets = strict.integer(node, "sockets", nw)
     if sockets > 1 and "socket" not in links:
         raise DitplanError(f"{lw}: missing field 'socket'; a node with {sockets} CPU sockets needs the inter-socket link.")
@@ -449,6 +453,7 @@ def _read_cluster(path_text: str) -> dict[str, Any]:
         "host_op_us": strict.number(node, "host_op_us", nw, allow_zero=True),
         "pcie": _link(links["pcie"], f"{lw}.pcie", "pcie"),
         "socket": _link(links["socket"], f"{lw}.socket", "socket") if "socket" in links else None,
+        "bridge": _link(links["bridge"], f"{lw}.bridge", "bridge") if "bridge" in links else None,
         "nvlink": _link(links["nvlink"], f"{lw}.nvlink", "nvlink") if "nvlink" in links else None,
         "network": _link(data["network"], f"{w}: network", "network") if "network" in data else None,
         "measured": _measured(data["measured"], f"{w}: measured") if "measured" in data else None,
@@ -494,7 +499,8 @@ def _node_graph(p: dict[str, Any]) -> nx.Graph:
         for k in range(p["switches_per_socket"]):
             sw = f"sw{socket * p['switches_per_socket'] + k}"
             graph.add_node(sw, kind="pcie_switch")
-            graph.add_edge(sw, f"cpu{socket}", link=p["pcie"], tier="pcie", cost=1.0 / p["pcie"].bandwidth_gbs)
+            uplink = p["bridge"] or p["pcie"]
+            graph.add_edge(sw, f"cpu{socket}", link=uplink, tier=uplink.tier, cost=1.0 / uplink.bandwidth_gbs)
             for _ in range(p["gpus_per_switch"]):
                 graph.add_node(f"gpu{gpu}", kind="gpu")
                 graph.add_edge(f"gpu{gpu}", sw, link=p["pcie"], tier="pcie", cost=1.0 / p["pcie"].bandwidth_gbs)
@@ -540,4 +546,5 @@ def load_cluster(name_or_path: str, gpus: int | None = None, nodes: int | None =
         gpus_per_switch=p["gpus_per_switch"], nics_per_node=p["nics"], p2p=p["p2p"],
         collective_launch_us=p["collective_launch_us"], host_op_us=p["host_op_us"], pcie=p["pcie"], socket_link=p["socket"],
         nvlink=p["nvlink"], network=p["network"], measured=p["measured"], node_graph=_node_graph(p), priors=p["priors"],
+        bridge=p["bridge"],
     )
