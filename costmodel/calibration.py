@@ -84,12 +84,6 @@ class Calibration:
     bases: dict[str, Cluster] = field(default_factory=dict, repr=False)
     left_out: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # rows the model cannot price, why
 
-    def value(self, scope: str, name: str) -> float | None:
-        for parameter in self.parameters:
-            if parameter.scope == scope and parameter.name == name:
-                return parameter.value
-        return None
-
     def cluster(self, cluster_id: str, gpus: int) -> Cluster:
         """The cluster with the fitted constants (priors where nothing was fitted), on its first `gpus` GPUs."""
         return _apply(_at_priors(_base(self.bases, cluster_id)), gpus, {p.label: p.value for p in self.parameters})
@@ -123,8 +117,7 @@ def _prior_of(priors: tuple[tuple[str, float], ...], name: str, current: float) 
 def _apply(base: Cluster, gpus: int, values: dict[str, float]) -> Cluster:
     """`base` with every value that names its GPU type or itself, on its first `gpus` GPUs."""
     hw = base.hardware
-    hw_values = {name: values[f"{hw.id}.{name}"] for name in ("matmul_efficiency", "attention_efficiency")
-                 if f"{hw.id}.{name}" in values}
+    hw_values = {name: values[f"{hw.id}.{name}"] for name in GPU_BOUNDS if f"{hw.id}.{name}" in values}
     host = values.get(f"{base.id}.host_op_us")
     links: dict[str, LinkSpec] = {}
     for tier, link in base.tiers().items():
