@@ -127,8 +127,9 @@ def superlinear_notes(table) -> list[str]:
     notes = []
     for row in table[table["beats_linear"]].to_dict(orient="records"):
         serial = row["linear_bound_s"] * row["gpus"]
+        config = row["config"] if isinstance(row["config"], str) else f"on {row['gpus']} GPUs"  # unpriced rows
         notes.append(
-            f"{row['scenario']} {row['config']}: published {row['latency_s']:g} s is faster than perfect scaling of "
+            f"{row['scenario']} {config}: published {row['latency_s']:g} s is faster than perfect scaling of "
             f"the scenario's one-GPU row ({serial:g} s / {row['gpus']} = {row['linear_bound_s']:.2f} s)."
         )
     return notes
