@@ -37,10 +37,12 @@ def test_synthetic_rows_with_noise_calibrate_back_to_their_constants():
     base = load_cluster("l40-pcie-8")
     truth = {"l40.matmul_efficiency": 0.5, "l40.attention_efficiency": 0.4, "l40-pcie-8.host_op_us": 35.0,
              "l40-pcie-8.pcie.efficiency": 0.6, "l40-pcie-8.pcie.alltoall_efficiency": 0.45,
-             "l40-pcie-8.pcie.latency_us": 8.0}
+             "l40-pcie-8.pcie.latency_us": 8.0, "l40-pcie-8.bridge.efficiency": 0.7,
+             "l40-pcie-8.bridge.alltoall_efficiency": 0.3}
     true_cluster = base.with_constants(
         hardware=replace(base.hardware, matmul_efficiency=0.5, attention_efficiency=0.4), host_op_us=35.0,
-        links={"pcie": replace(base.pcie, efficiency=0.6, alltoall_efficiency=0.45, latency_us=8.0)})
+        links={"pcie": replace(base.pcie, efficiency=0.6, alltoall_efficiency=0.45, latency_us=8.0),
+               "bridge": replace(base.bridge, efficiency=0.7, alltoall_efficiency=0.3)})
     noise = random.Random(7)
     rows = []
     specs = [(f"single/{m}/{s}", m, s, st, "cfg=1") for m, s, st in SINGLE]
