@@ -23,9 +23,9 @@ A measured profile (Cluster.measured.compute) replaces all of this for the block
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
+from costmodel.flops import BlockWork, block_ops, kernels_and_passes
 from costmodel.specs import ModelSpec
 from costmodel.topology import Cluster, HardwareSpec
 
@@ -33,45 +33,6 @@ from costmodel.topology import Cluster, HardwareSpec
 # bandwidth; we take the low end.
 L2_SPEEDUP = 2.0
 TILE = 128  # output tile edge of cuBLAS' and FlashAttention-2's high-throughput kernels on Ampere/Ada/Hopper
-
-# Per (family, block kind): operators launched per block and elementwise slab passes (reads + writes
-# of batch x tokens x hidden x dtype, per row through the block), counted from diffusers' eager
-# forward code. Recurring pieces: LayerNorm 1 op / 2 passes; adaLN modulate x*(1+scale)+shift
-# 2 ops / 4 passes; gate x out + residual 2 ops / 5 passes; attention layout copy 1 op / 2 passes;
-# GELU on the MLP activation 1 op / 2 x mlp_ratio passes; RMSNorm on q and k in fp32 ~6 ops /
-# ~8 passes each; eager rotary embedding on q and k in fp32 ~8 ops / ~12 passes each.
-KERNELS_AND_PASSES: dict[tuple[str, str], tuple[int, float]] = {
-    ("pixart", "cross"): (30, 35.0),  # ada_norm_single BasicTransformerBlock: attn1, attn2, FF
-    ("latte", "cross"): (30, 35.0),  # same block as PixArt's (spatial)
-    ("latte", "temporal"): (24, 30.0),  # self-attention over frames + FF, plus two rearrange copies
-    ("hunyuan", "cross"): (55, 60.0),  # PixArt-like plus LayerNorm q/k norms and 2D rotary on q/k
-    ("sd3", "joint"): (44, 36.0),  # two streams of LN/modulate/FF; joint attention over the concatenation
-    ("flux", "joint"): (90, 66.0),  # SD3's plus fp32 RMSNorm on q/k of both streams and rotary embeddings
-    ("flux", "single"): (45, 62.0),  # fused qkv+MLP-in, RMSNorm q/k, rotary, concat [attn, mlp], fused out
-    ("cogvideox", "single"): (52, 56.0),  # expert adaLN on text/video, LayerNorm q/k, rotary on the video part
-}
-DEFAULT_KERNELS_AND_PASSES: dict[str, tuple[int, float]] = {
-    "cross": (30, 35.0), "joint": (44, 36.0), "single": (45, 40.0), "temporal": (24, 30.0),
-}
-
-
-def kernels_and_passes(family: str, kind: str) -> tuple[int, float]:
-    return KERNELS_AND_PASSES.get((family, kind), DEFAULT_KERNELS_AND_PASSES[kind])
-
-
-@dataclass(frozen=True)
-class BlockWork:
-    """What one rank computes in one block: `rows` are batch x tokens through the projections."""
-
-    kind: str
-    batch: int
-    image_tokens: int  # local image tokens through the projections and MLP
-    text_tokens: int  # local text tokens through the projections (joint/single blocks)
-    attn_queries: int  # query tokens of the self/joint attention (per batch element)
-    attn_keys: int  # key tokens each query sees
-    head_fraction: float  # share of the heads this rank computes attention for (1/ulysses)
-    skip_linear: bool = False  # HunyuanDiT: this block fuses a long skip (a 2h -> h linear)
-
 
 def _gemm_seconds(hw: HardwareSpec, m: int, k: int, n: int, dtype_bytes: int) -> float:
     if m <= 0:
@@ -126,42 +87,14 @@ def activation_seconds(hw: HardwareSpec, elements: float) -> float:
 @lru_cache(maxsize=65536)
 def _block_parts(hw: HardwareSpec, model: ModelSpec, work: BlockWork) -> tuple[float, float]:
     """(seconds outside the self/joint attention, seconds of the self/joint attention) on one GPU."""
-    h = model.hidden_size
-    r = model.mlp_ratio
+    ops = block_ops(model, work)
     b = model.dtype_bytes
-    B = work.batch
-    img = B * work.image_tokens
-    txt = B * work.text_tokens
-    mlp = int(round(r * h))
-    g = 0.0
-    if work.kind in ("cross", "temporal"):
-        g += _gemm_seconds(hw, img, h, 3 * h, b) + _gemm_seconds(hw, img, h, h, b)
-        g += _gemm_seconds(hw, img, h, mlp, b) + _gemm_seconds(hw, img, mlp, h, b)
-    elif work.kind == "joint":
-        for rows in (img, txt):
-            g += _gemm_seconds(hw, rows, h, 3 * h, b) + _gemm_seconds(hw, rows, h, h, b)
-            g += _gemm_seconds(hw, rows, h, mlp, b) + _gemm_seconds(hw, rows, mlp, h, b)
-    elif work.kind == "single":
-        rows = img + txt
-        if model.family == "flux":  # fused qkv + MLP-in, then fused out over [attn, mlp]
-            g += _gemm_seconds(hw, rows, h, 3 * h + mlp, b) + _gemm_seconds(hw, rows, h + mlp, h, b)
-        else:  # CogVideoX: separate projections, one stream over text + video
-            g += _gemm_seconds(hw, rows, h, 3 * h, b) + _gemm_seconds(hw, rows, h, h, b)
-            g += _gemm_seconds(hw, rows, h, mlp, b) + _gemm_seconds(hw, rows, mlp, h, b)
-    other_attention = 0.0
-    if work.kind == "cross":
-        # Cross-attention to the text: q/out projections on image rows, k/v on the text states,
-        # attention of every local image token (all heads) over all text tokens.
-        g += 2 * _gemm_seconds(hw, img, h, h, b) + _gemm_seconds(hw, B * model.text_tokens, h, 2 * h, b)
-        other_attention = attention_seconds(hw, B * model.num_heads, work.image_tokens, model.text_tokens, model.head_dim)
-    if work.skip_linear:
-        g += _gemm_seconds(hw, img, 2 * h, h, b)
-    passes = kernels_and_passes(model.family, work.kind)[1]  # per row; joint blocks count both streams' rows
-    g += elementwise_seconds(hw, passes * (img + txt) * h * b, (img + txt) * h * b)
-    g += activation_seconds(hw, (img + txt) * mlp)
-    attention = attention_seconds(hw, B * model.num_heads * work.head_fraction, work.attn_queries,
-                                  work.attn_keys, model.head_dim)
-    return g + other_attention, attention
+    g = sum(_gemm_seconds(hw, m, k, n, b) for m, k, n in ops.gemms)
+    g += sum(attention_seconds(hw, batch_heads, queries, keys, model.head_dim)
+             for batch_heads, queries, keys in ops.other_attention)
+    g += elementwise_seconds(hw, ops.elementwise_bytes, ops.slab_bytes)
+    g += activation_seconds(hw, ops.activation_elements)
+    return g, attention_seconds(hw, *ops.self_attention, model.head_dim)
 
 
 def block_gpu_host(cluster: Cluster, model: ModelSpec, work: BlockWork, attention: float | None = None,

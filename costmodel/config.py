@@ -7,6 +7,7 @@ executor (to build process groups) derive every group from here, so they cannot 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import prod
 
 from costmodel.errors import DitplanError
@@ -64,6 +65,11 @@ class ParallelConfig:
     def uses_patches(self) -> bool:
         """True where the patch pipeline (and so stale KV) is in play."""
         return self.patches > 1
+
+    @property
+    def pipelines(self) -> bool:
+        """True where PipeFusion runs: several stages, or one stage over several patches."""
+        return self.pipefusion > 1 or self.uses_patches
 
     def degree(self, axis: str) -> int:
         if axis not in AXES:
@@ -131,15 +137,24 @@ class Placement:
             stride *= self.config.degree(axis)
         return rank
 
+    @property
+    def strides(self) -> dict[str, int]:
+        """Rank stride of each axis: the product of the degrees of the axes inside it."""
+        return dict(_strides(self._degrees(), self.order))
+
+    def groups_of(self, axes: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Groups of ranks that share every coordinate except those on `axes` (e.g. ("ulysses", "ring")
+        for the sequence-parallel group), in increasing order of their lowest rank."""
+        for axis in axes:
+            self.config.degree(axis)
+        return _groups(self._degrees(), self.order, tuple(axes))
+
     def groups(self, axis: str) -> list[list[int]]:
         """Every group along `axis`: ranks that share all other coordinates, ordered by their coordinate on `axis`."""
-        self.config.degree(axis)
-        by_rest: dict[tuple[int, ...], list[int]] = {}
-        for rank in range(self.config.world_size):
-            coords = self.coordinates(rank)
-            rest = tuple(coords[a] for a in self.order if a != axis)
-            by_rest.setdefault(rest, []).append(rank)
-        return [sorted(members, key=lambda r: self.coordinates(r)[axis]) for members in by_rest.values()]
+        return [list(group) for group in self.groups_of((axis,))]
+
+    def _degrees(self) -> tuple[int, ...]:
+        return tuple(self.config.degree(axis) for axis in AXES)
 
     def group_of(self, rank: int, axis: str) -> list[int]:
         """The group along `axis` that holds `rank`."""
@@ -156,3 +171,29 @@ class Placement:
     def parse(cls, config: ParallelConfig, text: str | list[str] | tuple[str, ...]) -> "Placement":
         order = [part.strip() for part in text.split(",")] if isinstance(text, str) else list(text)
         return cls(config, tuple(order))
+
+
+def _strides(degrees: tuple[int, ...], order: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    by_axis = dict(zip(AXES, degrees))
+    out, stride = [], 1
+    for axis in order:
+        out.append((axis, stride))
+        stride *= by_axis[axis]
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def _groups(degrees: tuple[int, ...], order: tuple[str, ...], axes: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    # Arithmetic on rank strides (rank = sum of coordinate x stride) rather than a coordinate lookup
+    # per rank: the planner builds these for thousands of placements of up to 1024 ranks. Members
+    # vary the first of `axes` fastest.
+    by_axis = dict(zip(AXES, degrees))
+    strides = dict(_strides(degrees, order))
+    offsets = [0]
+    for axis in reversed(axes):
+        offsets = [offset + c * strides[axis] for offset in offsets for c in range(by_axis[axis])]
+    bases = [0]
+    for axis in reversed(order):  # the other axes, innermost varying fastest: bases ascend
+        if axis not in axes:
+            bases = [base + c * strides[axis] for base in bases for c in range(by_axis[axis])]
+    return tuple(tuple(base + offset for offset in offsets) for base in bases)

@@ -63,7 +63,7 @@ def check_config(config: "ParallelConfig | str", model: "ModelSpec | str", heigh
             f"pipefusion={config.pipefusion} exceeds {model.id}'s {units} transformer blocks{pairing}; "
             "every stage needs at least one block"
         )
-    if (config.pipefusion > 1 or config.uses_patches) and config.warmup > steps:
+    if config.pipelines and config.warmup > steps:
         problems.append(f"warmup={config.warmup} exceeds steps={steps}; warmup steps are part of the step count")
     if not any(p.startswith("height=") and "multiple" in p for p in problems) and isinstance(height, int) and height >= 1:
         _, rows, cols = model.token_grid(height, width, frames)

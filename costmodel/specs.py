@@ -57,6 +57,7 @@ class ModelSpec:
     temporal_patch_size: int
     in_channels: int
     skip_connections: bool
+    cross_attention_dim: int  # width of the text states the cross-attention's k/v read
     blocks: tuple[BlockGroup, ...]
     text_tokens: int
     text_hidden: int
@@ -77,6 +78,11 @@ class ModelSpec:
     def block_sequence(self) -> tuple[str, ...]:
         """Every block's kind, in execution order."""
         return tuple(group.kind for group in self.blocks for _ in range(group.count))
+
+    @property
+    def has_temporal_blocks(self) -> bool:
+        """Latte: spatial blocks attend within each frame, temporal blocks across frames."""
+        return any(group.kind == "temporal" for group in self.blocks)
 
     @property
     def pipeline_units(self) -> tuple[tuple[int, ...], ...]:
@@ -144,7 +150,7 @@ def _load_model_file(path_text: str) -> ModelSpec:
     tr = strict.check_keys(
         data["transformer"], tw,
         ("params", "hidden_size", "num_heads", "head_dim", "mlp_ratio", "patch_size", "in_channels", "blocks"),
-        ("num_kv_heads", "temporal_patch_size", "skip_connections", "repeat", "notes"),
+        ("num_kv_heads", "temporal_patch_size", "skip_connections", "cross_attention_dim", "repeat", "notes"),
     )
     repeat = strict.integer(tr, "repeat", tw, default=1)
     groups = []
@@ -199,6 +205,7 @@ def _load_model_file(path_text: str) -> ModelSpec:
         temporal_patch_size=strict.integer(tr, "temporal_patch_size", tw, default=1),
         in_channels=strict.integer(tr, "in_channels", tw),
         skip_connections=strict.boolean(tr, "skip_connections", tw, default=False),
+        cross_attention_dim=strict.integer(tr, "cross_attention_dim", tw, default=hidden),
         blocks=blocks,
         text_tokens=strict.integer(tx, "tokens", xw),
         text_hidden=strict.integer(tx, "hidden", xw),

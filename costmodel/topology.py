@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from profiles import PROFILES_DIR
 HARDWARE_DIR = PROFILES_DIR / "hardware"
 CLUSTERS_DIR = PROFILES_DIR / "clusters"
 PATTERNS = ("all_to_all", "all_gather", "p2p")
-TIERS = ("nvlink", "pcie", "socket", "network")
+TIERS = ("nvlink", "pcie", "bridge", "socket", "network")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class HardwareSpec:
     # A profile's measured operator tables (costmodel.measured.OperationTables): where present they
     # replace the roofline of GEMMs, attention and elementwise passes.
     operations: Any = None
+    # Where calibration replaced datasheet-based figures: those figures (field -> value), the starting
+    # point and soft anchor of every re-calibration, so it never feeds on its own output.
+    priors: tuple[tuple[str, float], ...] = ()
 
     @property
     def memory_gib(self) -> float:
@@ -64,7 +67,7 @@ class LinkSpec:
     bandwidth_gbs: float
     efficiency: float  # achieved fraction for bulk point-to-point / ring traffic
     alltoall_efficiency: float  # achieved fraction when the link carries an all-to-all
-    latency_us: float
+    latency_us: float  # per message
     source: str
 
     def seconds_per_byte(self, pattern: str) -> float:
@@ -72,8 +75,7 @@ class LinkSpec:
         return 1.0 / (self.bandwidth_gbs * 1e9 * fraction)
 
     def scaled(self, factor: float) -> "LinkSpec":
-        return LinkSpec(self.tier, self.bandwidth_gbs * factor, self.efficiency, self.alltoall_efficiency,
-                        self.latency_us, self.source)
+        return replace(self, bandwidth_gbs=self.bandwidth_gbs * factor)
 
 
 @dataclass(frozen=True)
@@ -130,35 +132,67 @@ class Cluster:
     network: LinkSpec | None
     measured: Measured | None
     node_graph: nx.Graph
+    # A PCIe switch's uplink to its socket's root complex, where it differs from the GPU-to-switch
+    # links (peer traffic between switches crosses it); None: the `pcie` figures.
+    bridge: LinkSpec | None = None
+    priors: tuple[tuple[str, float], ...] = ()  # datasheet-based figures calibration replaced (see HardwareSpec)
     _paths: dict = field(default_factory=dict, repr=False)
     _pattern_cache: dict = field(default_factory=dict, repr=False)
+    _node_paths: dict = field(default_factory=dict, repr=False)  # (device, device) -> devices on the route
 
     def tiers(self) -> dict[str, LinkSpec]:
         out = {"pcie": self.pcie}
-        for name, link in (("socket", self.socket_link), ("nvlink", self.nvlink), ("network", self.network)):
+        for name, link in (("bridge", self.bridge), ("socket", self.socket_link), ("nvlink", self.nvlink),
+                           ("network", self.network)):
             if link is not None:
                 out[name] = link
         return out
 
     def with_link_scaled(self, tier: str, factor: float) -> "Cluster":
         """A copy with one tier's bandwidth multiplied (what-if studies and property tests)."""
-        changes = {"pcie": "pcie", "socket": "socket_link", "nvlink": "nvlink", "network": "network"}
-        if tier not in changes or getattr(self, changes[tier]) is None:
-            raise DitplanError(f"cluster {self.id!r} has no {tier!r} tier; it has {', '.join(self.tiers())}.")
+        links = self.tiers()
+        if tier not in links:
+            raise DitplanError(f"cluster {self.id!r} has no {tier!r} tier; it has {', '.join(links)}.")
+        return self.with_constants(links={tier: links[tier].scaled(factor)})
+
+    def with_constants(self, hardware: HardwareSpec | None = None, host_op_us: float | None = None,
+                       links: dict[str, LinkSpec] | None = None) -> "Cluster":
+        """A copy with other GPU figures, host overhead or link figures (calibration, what-if studies);
+        the topology is the same, so the graph keeps its routes with the new links on its edges."""
+        links = links or {}
+        fields = {"pcie": "pcie", "bridge": "bridge", "socket": "socket_link", "nvlink": "nvlink", "network": "network"}
         values = {name: getattr(self, name) for name in self.__dataclass_fields__ if not name.startswith("_")}
-        values[changes[tier]] = getattr(self, changes[tier]).scaled(factor)
+        values.update({fields[tier]: link for tier, link in links.items()})
+        current = self.tiers()
+        if any(link.bandwidth_gbs != current[tier].bandwidth_gbs for tier, link in links.items()):
+            # Routes follow bandwidth: a new graph whose edge costs reflect it.
+            graph = self.node_graph.copy()
+            for u, v, data in graph.edges(data=True):
+                if data["tier"] in links:
+                    graph.add_edge(u, v, link=links[data["tier"]], cost=data["cost"] * current[data["tier"]].bandwidth_gbs
+                                   / links[data["tier"]].bandwidth_gbs)
+            values["node_graph"] = graph
+        else:
+            values["_node_paths"] = self._node_paths  # same topology and costs: share the routes
+        if hardware is not None:
+            values["hardware"] = hardware
+        if host_op_us is not None:
+            values["host_op_us"] = host_op_us
         return Cluster(**values)
 
     # ----- the graph -----
     def graph(self) -> nx.Graph:
         """The whole cluster as one graph: every node's devices plus the network switch."""
         whole = nx.Graph()
+        tiers = self.tiers()
         for node in range(self.nodes):
             mapping = {v: f"n{node}/{v}" for v in self.node_graph.nodes}
             whole.update(nx.relabel_nodes(self.node_graph, mapping))
             if self.network is not None:
                 for nic in range(self.nics_per_node):
                     whole.add_edge(f"n{node}/nic{nic}", "network", link=self.network, tier="network")
+        for _, _, data in whole.edges(data=True):
+            data["link"] = tiers[data["tier"]]  # this cluster's figures (copies share one node graph)
         return whole
 
     # ----- routing -----
@@ -166,20 +200,26 @@ class Cluster:
         """Directed edges (u, v, link) from device a to device b inside one node."""
         key = (a, b)
         if key not in self._paths:
+            if key not in self._node_paths:
+                self._node_paths[key] = tuple(self._shortest_node_path(a, b))
+            path = self._node_paths[key]
             graph = self.node_graph
-            if a == b:
-                path = [a]
-            elif not self.p2p and self.nvlink is None and a.startswith("gpu") and b.startswith("gpu"):
-                # Without GPU peer-to-peer the bytes are staged through pinned host memory, so even
-                # two GPUs under one switch talk through the CPU's root complex.
-                cpu_a, cpu_b = self._socket_of(a), self._socket_of(b)
-                path = (nx.shortest_path(graph, a, cpu_a, weight="cost")
-                        + nx.shortest_path(graph, cpu_a, cpu_b, weight="cost")[1:]
-                        + nx.shortest_path(graph, cpu_b, b, weight="cost")[1:])
-            else:
-                path = nx.shortest_path(graph, a, b, weight="cost")
-            self._paths[key] = tuple((u, v, graph.edges[u, v]["link"]) for u, v in zip(path, path[1:]))
+            tiers = self.tiers()  # the edges' tiers, this cluster's figures (copies share one graph)
+            self._paths[key] = tuple((u, v, tiers[graph.edges[u, v]["tier"]]) for u, v in zip(path, path[1:]))
         return self._paths[key]
+
+    def _shortest_node_path(self, a: str, b: str) -> list[str]:
+        graph = self.node_graph
+        if a == b:
+            return [a]
+        if not self.p2p and self.nvlink is None and a.startswith("gpu") and b.startswith("gpu"):
+            # Without GPU peer-to-peer the bytes are staged through pinned host memory, so even
+            # two GPUs under one switch talk through the CPU's root complex.
+            cpu_a, cpu_b = self._socket_of(a), self._socket_of(b)
+            return (nx.shortest_path(graph, a, cpu_a, weight="cost")
+                    + nx.shortest_path(graph, cpu_a, cpu_b, weight="cost")[1:]
+                    + nx.shortest_path(graph, cpu_b, b, weight="cost")[1:])
+        return nx.shortest_path(graph, a, b, weight="cost")
 
     def _socket_of(self, device: str) -> str:
         return next(n for n in nx.shortest_path(self.node_graph, device, "cpu0") if n.startswith("cpu"))
@@ -299,7 +339,7 @@ def _hardware_from_mapping(data: Any, w: str) -> HardwareSpec:
     """A hardware file's fields; also the inline `hardware:` mapping of a profile the profiler wrote."""
     strict.check_keys(data, w, ("id", "name", "source", "peak_tflops", "matmul_efficiency", "attention_efficiency",
                                 "memory_bandwidth_gbs", "memory_efficiency", "memory_gb", "sm_count", "l2_cache_mb"),
-                      ("notes",))
+                      ("calibration", "notes"))
     return HardwareSpec(
         id=strict.text(data, "id", w), name=strict.text(data, "name", w), source=strict.text(data, "source", w),
         peak_tflops=strict.number(data, "peak_tflops", w),
@@ -310,11 +350,35 @@ def _hardware_from_mapping(data: Any, w: str) -> HardwareSpec:
         memory_gb=strict.number(data, "memory_gb", w),
         sm_count=strict.integer(data, "sm_count", w),
         l2_cache_mb=strict.number(data, "l2_cache_mb", w),
+        priors=_priors(data, w),
     )
 
 
+def _priors(data: dict[str, Any], where: str) -> tuple[tuple[str, float], ...]:
+    """The `calibration:` section's `prior:` mapping, flattened to (dotted field, value) pairs."""
+    if "calibration" not in data:
+        return ()
+    cw = f"{where}.calibration"
+    section = strict.check_keys(data["calibration"], cw, ("source", "prior"), ("notes",))
+    strict.text(section, "source", cw)
+    pairs: list[tuple[str, float]] = []
+
+    def walk(mapping: Any, prefix: str, mw: str) -> None:
+        if not isinstance(mapping, dict):
+            raise DitplanError(f"{mw}: must be a mapping of field names to datasheet-based values.")
+        for key in mapping:
+            if isinstance(mapping[key], dict):
+                walk(mapping[key], f"{prefix}{key}.", f"{mw}.{key}")
+            else:
+                pairs.append((f"{prefix}{key}", strict.number(mapping, key, mw, allow_zero=True)))
+
+    walk(section["prior"], "", f"{cw}.prior")
+    return tuple(pairs)
+
+
 def _link(data: Any, where: str, tier: str) -> LinkSpec:
-    strict.check_keys(data, where, ("bandwidth_gbs", "efficiency", "latency_us", "source"), ("alltoall_efficiency", "notes"))
+    strict.check_keys(data, where, ("bandwidth_gbs", "efficiency", "latency_us", "source"),
+                      ("alltoall_efficiency", "notes"))
     efficiency = strict.number(data, "efficiency", where, maximum=1.0)
     return LinkSpec(
         tier=tier,
@@ -362,7 +426,8 @@ def _read_cluster(path_text: str) -> dict[str, Any]:
     path = Path(path_text)
     data = strict.read_yaml(path)
     w = str(path)
-    strict.check_keys(data, w, ("id", "description", "hardware", "node"), ("nodes", "network", "measured", "source", "notes"))
+    strict.check_keys(data, w, ("id", "description", "hardware", "node"),
+                      ("nodes", "network", "measured", "source", "calibration", "notes"))
     nw = f"{w}: node"
     node = strict.check_keys(
         data["node"], nw,
@@ -370,7 +435,7 @@ def _read_cluster(path_text: str) -> dict[str, Any]:
         ("nics", "notes"),
     )
     lw = f"{nw}.links"
-    links = strict.check_keys(node["links"], lw, ("pcie",), ("socket", "nvlink"))
+    links = strict.check_keys(node["links"], lw, ("pcie",), ("bridge", "socket", "nvlink"))
     sockets = strict.integer(node, "sockets", nw)
     if sockets > 1 and "socket" not in links:
         raise DitplanError(f"{lw}: missing field 'socket'; a node with {sockets} CPU sockets needs the inter-socket link.")
@@ -388,9 +453,11 @@ def _read_cluster(path_text: str) -> dict[str, Any]:
         "host_op_us": strict.number(node, "host_op_us", nw, allow_zero=True),
         "pcie": _link(links["pcie"], f"{lw}.pcie", "pcie"),
         "socket": _link(links["socket"], f"{lw}.socket", "socket") if "socket" in links else None,
+        "bridge": _link(links["bridge"], f"{lw}.bridge", "bridge") if "bridge" in links else None,
         "nvlink": _link(links["nvlink"], f"{lw}.nvlink", "nvlink") if "nvlink" in links else None,
         "network": _link(data["network"], f"{w}: network", "network") if "network" in data else None,
         "measured": _measured(data["measured"], f"{w}: measured") if "measured" in data else None,
+        "priors": _priors(data, w),
     }
     if "measured" in data:
         _attach_profile_figures(parsed, data["measured"], f"{w}: measured", str(path))
@@ -432,7 +499,8 @@ def _node_graph(p: dict[str, Any]) -> nx.Graph:
         for k in range(p["switches_per_socket"]):
             sw = f"sw{socket * p['switches_per_socket'] + k}"
             graph.add_node(sw, kind="pcie_switch")
-            graph.add_edge(sw, f"cpu{socket}", link=p["pcie"], tier="pcie", cost=1.0 / p["pcie"].bandwidth_gbs)
+            uplink = p["bridge"] or p["pcie"]
+            graph.add_edge(sw, f"cpu{socket}", link=uplink, tier=uplink.tier, cost=1.0 / uplink.bandwidth_gbs)
             for _ in range(p["gpus_per_switch"]):
                 graph.add_node(f"gpu{gpu}", kind="gpu")
                 graph.add_edge(f"gpu{gpu}", sw, link=p["pcie"], tier="pcie", cost=1.0 / p["pcie"].bandwidth_gbs)
@@ -477,5 +545,6 @@ def load_cluster(name_or_path: str, gpus: int | None = None, nodes: int | None =
         gpus=used, gpus_per_node=per_node, sockets=p["sockets"], switches_per_socket=p["switches_per_socket"],
         gpus_per_switch=p["gpus_per_switch"], nics_per_node=p["nics"], p2p=p["p2p"],
         collective_launch_us=p["collective_launch_us"], host_op_us=p["host_op_us"], pcie=p["pcie"], socket_link=p["socket"],
-        nvlink=p["nvlink"], network=p["network"], measured=p["measured"], node_graph=_node_graph(p),
+        nvlink=p["nvlink"], network=p["network"], measured=p["measured"], node_graph=_node_graph(p), priors=p["priors"],
+        bridge=p["bridge"],
     )

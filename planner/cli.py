@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "predict latency, memory and timeline of one configuration",
     "search": "rank every valid configuration and write the best as a plan",
     "validate": "compare predictions with published (and measured) latencies",
+    "calibrate": "fit the cluster's physical constants to measured latencies",
     "profile": "measure this machine and write a cluster profile",
     "run": "run a plan for real under torchrun (executor)",
 }

@@ -138,6 +138,12 @@ def warmup_note(winner: "RankedPlan", steps: int, more_warmup: "RankedPlan | Non
     cost = ""
     if more_warmup is not None:
         cost = f"; warmup={more_warmup.config.warmup} would cost {more_warmup.latency_s - winner.latency_s:+.3f} s"
+    if config.warmup == 0:
+        # Only reachable below the search's default floor (--min-warmup 0).
+        return (f"fidelity: warmup=0 (allowed by --min-warmup 0): all {steps} steps run the patch pipeline, and the "
+                f"first attends to K/V no step has computed yet, so the image departs furthest from the serial "
+                f"result here; this project has no measured quality figure for it yet: compare the images of "
+                f"`ditplan run` with this plan and with warmup=1 before using it{cost}")
     return (f"fidelity: warmup={config.warmup} of {steps} steps runs synchronously; the other {stale} step(s) "
             f"attend to the previous step's K/V for patches not yet computed (more warmup is closer to "
             f"the serial result and slower{cost})")

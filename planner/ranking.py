@@ -27,6 +27,7 @@ from costmodel.rules import check_generation
 from planner.explain import Comparison, compare, describe_plan, warmup_note
 from planner.plan import Plan
 from planner.space import (
+    DEFAULT_MIN_WARMUP,
     Hierarchy,
     distinct_placements,
     enumerate_configs,
@@ -429,7 +430,7 @@ def _search_one_count(model: Any, cluster_ref: str, nodes: int | None, gpus: int
 def search(model: str | os.PathLike | Any, cluster: str | os.PathLike, gpus: int | str | Sequence[int], *,
            height: int | None = None, width: int | None = None, frames: int | None = None,
            steps: int | None = None, nodes: int | None = None, rescore: int = DEFAULT_RESCORE,
-           exhaustive: bool = False, progress: bool | None = None, min_warmup: int = 0,
+           exhaustive: bool = False, progress: bool | None = None, min_warmup: int = DEFAULT_MIN_WARMUP,
            max_dp: int | None = None) -> SearchResult:
     """Rank every valid configuration of `model` on `gpus` GPUs of `cluster` by predicted latency.
 
@@ -441,7 +442,8 @@ def search(model: str | os.PathLike | Any, cluster: str | os.PathLike, gpus: int
     exhaustive: simulate every candidate however large the space.
     progress: show a tqdm bar on stderr (None: only on a terminal and for a long search).
     min_warmup: fidelity floor; PipeFusion plans with fewer synchronous warmup steps are pruned
-        (0, the default, ranks on latency alone; the papers use 1).
+        (default 1, as the papers run PipeFusion: a first step on stale K/V from nowhere costs image
+        quality; 0 ranks on latency alone).
     max_dp: at most this many data-parallel replicas (the executor passes its prompt count, so no
         replica is left without a prompt); None: no limit.
 

@@ -19,6 +19,9 @@ from costmodel.errors import DitplanError
 FACTOR_AXES: tuple[str, ...] = ("ulysses", "ring", "pipefusion", "dp")
 MAX_PATCH_FACTOR = 4  # patches from p up to 4p (the papers suggest M close to p; more only shrinks kernels)
 WARMUPS: tuple[int, ...] = (0, 1, 2)  # synchronous warmup steps tried where the patch pipeline runs
+# The search's floor on them unless the caller lowers it: with none, the first pipelined step attends
+# to K/V that no step has computed yet, which costs image quality.
+DEFAULT_MIN_WARMUP = 1
 MAX_GPUS_PER_SEARCH = 1 << 16  # a sanity bound on `--gpus`, far above any cluster we ship
 
 
@@ -126,28 +129,6 @@ def full_order(config: ParallelConfig, inner_order: tuple[str, ...]) -> tuple[st
     return (*inner_order, *(axis for axis in DEFAULT_PLACEMENT if axis not in inner_order))
 
 
-def axis_strides(config: ParallelConfig, order: tuple[str, ...]) -> dict[str, int]:
-    """Rank stride of each axis under `order`: the product of the degrees of the axes inside it."""
-    strides: dict[str, int] = {}
-    stride = 1
-    for axis in order:
-        strides[axis] = stride
-        stride *= config.degree(axis)
-    return strides
-
-
-def axis_groups(world: int, stride: int, degree: int) -> list[tuple[int, ...]]:
-    """The groups of an axis with this stride and degree in a world of `world` ranks.
-
-    Same as `Placement.groups` computed arithmetically, so it costs O(world) rather than O(world * axes).
-    """
-    return [
-        tuple(base + k * stride for k in range(degree))
-        for base in range(world)
-        if (base // stride) % degree == 0
-    ]
-
-
 def _log2(value: int) -> int | None:
     """log2 of a power of two, else None."""
     return value.bit_length() - 1 if value > 0 and value & (value - 1) == 0 else None
@@ -217,7 +198,7 @@ def _distinct_orders(degrees: tuple[int, ...], hierarchy: Hierarchy | None) -> t
     for inner in [axes, *(perm for perm in itertools.permutations(axes) if perm != axes)]:
         signature = hierarchy.signature(config, inner) if hierarchy is not None else None
         if signature is None:
-            strides = axis_strides(config, inner)
+            strides = Placement(config, full_order(config, inner)).strides
             signature = tuple((axis, strides[axis]) for axis in axes)
         if signature in seen:
             continue

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from costmodel.config import DEFAULT_PLACEMENT
 from planner.commands.common import add_format_argument, add_model_arguments, check_sizes, format_table, print_json
-from planner.space import nontrivial_axes, short_config
+from planner.space import DEFAULT_MIN_WARMUP, nontrivial_axes, short_config
 
 DEFAULT_TOP = 10
 PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rescore", type=int, default=None,
                         help="large spaces: how many of the closed-form estimate's best the simulator re-scores")
     parser.add_argument("--exhaustive", action="store_true", help="simulate every candidate however large the space")
-    parser.add_argument("--min-warmup", type=int, default=0, metavar="N",
-                        help="fidelity floor: PipeFusion plans keep at least N synchronous warmup steps (default 0)")
+    parser.add_argument("--min-warmup", type=int, default=DEFAULT_MIN_WARMUP, metavar="N",
+                        help="fidelity floor: PipeFusion plans keep at least N synchronous warmup steps (default "
+                             f"{DEFAULT_MIN_WARMUP}: stale K/V from step one costs quality; 0 ranks on latency alone)")
 
 
 def _placement_text(plan) -> str:

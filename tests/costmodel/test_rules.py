@@ -51,9 +51,10 @@ def test_raising_variant_names_every_rule():
 
 
 def test_latte_stages_keep_each_temporal_block_with_its_spatial_block():
-    from costmodel.simulate import _setup, _stages
+    from costmodel.pipefusion_sim import stages_of
+    from costmodel.sim_setup import build_setup
 
-    setup = _setup("latte", "l40-pcie-8", ParallelConfig(pipefusion=4), 512, 512, 16, 50, None)
-    stages = _stages(setup)
+    setup = build_setup("latte", "l40-pcie-8", ParallelConfig(pipefusion=4), 512, 512, 16, 50, None)
+    stages = stages_of(setup)
     assert [len(stage) for stage in stages] == [14, 14, 14, 14]
     assert all(stage[0][1] == "cross" and stage[-1][1] == "temporal" for stage in stages)

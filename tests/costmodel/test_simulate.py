@@ -121,7 +121,11 @@ def test_public_api_result_fields_and_json():
                       height=1024, width=1024, frames=1, steps=28)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["feasible"] is True and data["latency_s"] > 0 and data["memory_gib"] > 0
-    assert set(data["breakdown"]) == {"compute_s", "communication_s"}
+    assert set(data["breakdown"]) == {"compute_s", "communication_s", "linear_flops_per_step",
+                                      "attention_flops_per_step", "other_flops_per_step", "bytes_per_step"}
+    split = sum(data["breakdown"][f"{kind}_flops_per_step"] for kind in ("linear", "attention", "other"))
+    assert data["flops_per_step"] == pytest.approx(split) and data["flops_per_step"] > 7e13  # Flux-dev: ~74 TFLOP per 1024² image
+    assert data["end_to_end_s"] == pytest.approx(result.text_encode_s + result.latency_s + result.vae_decode_s)
     assert set(result.comm_by_tier) == {"nvlink"}
     assert result.per_step_s * 28 == pytest.approx(result.latency_s)
     assert result.text_encode_s > 0 and result.vae_decode_s > 0  # reported apart from latency_s

@@ -11,8 +11,10 @@ from costmodel.topology import CLUSTERS_DIR
 def test_l40_tiers_follow_switches_and_sockets():
     cluster = load_cluster("l40-pcie-8")
     assert cluster.tier_between(0, 1) == "pcie"  # same PCIe switch
-    assert cluster.tier_between(0, 2) == "pcie"  # same socket, through the root complex
-    assert cluster.tier_between(0, 4) == "socket"  # across the inter-socket link
+    assert [link.tier for _, link in cluster.route(0, 2)] == ["pcie", "bridge", "bridge", "pcie"]  # via the root complex
+    assert "socket" in {link.tier for _, link in cluster.route(0, 4)}  # across the inter-socket link
+    fast = cluster.with_link_scaled("pcie", 4.0).with_link_scaled("bridge", 4.0)
+    assert fast.tier_between(0, 4) == "socket"  # which bounds it behind fast PCIe
     two = load_cluster("l40-pcie-8x2-eth")
     assert two.tier_between(0, 8) == "network"
 
@@ -25,7 +27,8 @@ def test_without_peer_to_peer_traffic_goes_through_the_cpu():
 
 
 def test_groups_crossing_one_link_share_it():
-    cluster = load_cluster("l40-pcie-8")
+    # With fast PCIe the socket link is the bottleneck.
+    cluster = load_cluster("l40-pcie-8").with_link_scaled("pcie", 4.0).with_link_scaled("bridge", 4.0)
     nbytes = 64e6
     one_pair, tier = cluster.comm_time("p2p", ((0, 4),), nbytes)
     four_pairs, _ = cluster.comm_time("p2p", ((0, 4), (1, 5), (2, 6), (3, 7)), nbytes)
@@ -38,7 +41,7 @@ def test_slowest_tier_bounds_a_collective():
     cluster = load_cluster("l40-pcie-8")
     inside, tier_inside = cluster.comm_time("all_to_all", ((0, 1, 2, 3),), 32e6)
     across, tier_across = cluster.comm_time("all_to_all", ((0, 1, 4, 5),), 32e6)
-    assert (tier_inside, tier_across) == ("pcie", "socket")
+    assert (tier_inside, tier_across) == ("bridge", "socket")  # across the switches, then the sockets
     assert across > 3 * inside
     nvlink, tier = load_cluster("h100-sxm-nvlink-8").comm_time("all_to_all", ((0, 1, 4, 5),), 32e6)
     assert tier == "nvlink" and nvlink < inside / 5

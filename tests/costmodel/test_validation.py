@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 
 import costmodel
-from costmodel.validation import scenario_summary
+from costmodel.validation import group_summary
 
-DISPUTED = "pf-fig5/pixart-alpha/4096/l40-pcie-8"
+# The one group where the model's best disagrees with the published one: Latte on two L20s under one
+# PCIe switch, published Ulysses 2 at 28 s ahead of Ring 2 at 30 s; the model, calibrated on the
+# scenario's other rows too, puts Ring 2 ahead.
+LATTE = ("docs-latte/latte/512x512x16/l20-pcie-8", 2)
 
 
 @pytest.fixture(scope="module")
@@ -14,31 +17,49 @@ def table():
     return costmodel.validation_table()
 
 
-def test_median_absolute_error_within_25_percent(table):
-    assert len(table) == 30 and table["predicted_s"].notna().all()
-    assert table["error_pct"].abs().median() <= 25.0
+def test_median_absolute_error_within_15_percent(table):
+    priced = table[table["predicted_s"].notna()]
+    assert len(table) == 103 and len(priced) == 99  # HunyuanVideo is not in the catalogue
+    assert set(table.loc[table["predicted_s"].isna(), "model"]) == {"hunyuan-video"}
+    assert priced["error_pct"].abs().median() <= 15.0
 
 
-def test_predicted_best_is_published_best(table):
-    summary = scenario_summary(table).set_index("scenario")
-    agreeing = summary.drop(index=DISPUTED)
-    assert agreeing["best_agrees"].all(), agreeing[~agreeing["best_agrees"]]
+def test_predicted_best_is_published_best_in_every_group(table):
+    groups = group_summary(table)
+    assert len(groups) == 27
+    others = groups[[(s, g) != LATTE for s, g in zip(groups["scenario"], groups["gpus"])]]
+    assert len(others) == 26 and others["best_agrees"].all(), others[~others["best_agrees"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Fig. 5's PipeFusion rows at 4096 px (28.6 s for cfg=2,pipefusion=4 with warmup=1) are below "
-    "one GPU's 244.89 s / 8 = 30.6 s, leaving no room for the synchronous full-image warmup step "
-    "(~6 s) that Table 3 shows costing a full step; the model keeps the warmup and so ranks ring=8 "
-    "(37.1 s) ahead of cfg=2,pipefusion=4 (38.9 s). With warmup=0 it ranks them as published."))
-def test_disputed_scenario_best(table):
-    summary = scenario_summary(table).set_index("scenario")
-    assert summary.loc[DISPUTED, "best_agrees"]
+@pytest.mark.xfail(strict=True, reason="Latte on two L20s: see LATTE above")
+def test_latte_best_agrees(table):
+    groups = group_summary(table).set_index(["scenario", "gpus"])
+    assert groups.loc[LATTE, "best_agrees"]
+
+
+def test_inconsistent_rows_count_in_errors_not_in_the_best(table):
+    flagged = table[table["quality"] == "inconsistent"]
+    assert len(flagged) == 4 and flagged["error_pct"].notna().all()
+    groups = group_summary(table).set_index(["scenario", "gpus"])
+    # Fig. 5 at 2048 px: without its two inconsistent PipeFusion rows, Ring 8 is the published best.
+    assert groups.loc[("pf-fig5/pixart-alpha/2048/l40-pcie-8", 8), "published_best"].startswith("cfg=1,ulysses=1,ring=8")
 
 
 def test_end_to_end_rows_add_text_encoding_and_vae(table):
-    docs = table[table["source"].str.contains("xDiT docs")]
-    assert (docs["timed"] == "end to end").all()
-    assert (table.loc[~table.index.isin(docs.index), "timed"] == "denoising loop").all()
+    docs = table[table["source"].str.contains("xDiT docs") & ~table["source"].str.contains("per-step")]
+    assert len(docs) and (docs["timed"].dropna() == "end to end").all()
+    loop = table.loc[~table.index.isin(docs.index), "timed"].dropna()
+    assert (loop == "denoising loop").all()
+
+
+@pytest.mark.timeout(1800)
+def test_leave_one_scenario_out_median_within_20_percent():
+    """Each scenario predicted by constants calibrated on all the others (from the datasheet priors)."""
+    from costmodel.validation import cross_validated_table
+
+    cross = cross_validated_table()
+    assert cross["predicted_s"].notna().sum() == 99
+    assert cross["error_pct"].abs().median() <= 20.0
 
 
 def test_rows_faster_than_perfect_scaling_are_flagged(tmp_path):

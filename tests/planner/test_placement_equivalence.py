@@ -13,7 +13,7 @@ import pytest
 import costmodel
 from costmodel.config import AXES, ParallelConfig, Placement
 from planner.ranking import cluster_hierarchy
-from planner.space import axis_strides, distinct_placements, nontrivial_axes
+from planner.space import distinct_placements, full_order, nontrivial_axes
 
 CASES = [
     # (model, cluster, nodes, gpus, height, config)
@@ -44,7 +44,7 @@ def test_orders_with_one_signature_cost_the_same(model, cluster_id, nodes, gpus,
         inner = tuple(axis for axis in order if axis in axes)
         signature = hierarchy.signature(config, inner) if hierarchy is not None else None
         if signature is None:
-            strides = axis_strides(config, inner)
+            strides = Placement(config, full_order(config, inner)).strides
             signature = tuple((axis, strides[axis]) for axis in axes)
         result = costmodel.simulate(spec, cluster, config, height=height, width=width, frames=frames, steps=8,
                                     placement=Placement(config, order))

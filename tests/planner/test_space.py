@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 from costmodel.config import AXES, DEFAULT_PLACEMENT, ParallelConfig, Placement
 from costmodel.errors import DitplanError
 from planner.space import (
-    axis_groups,
-    axis_strides,
     degree_tuples,
     distinct_placements,
     enumerate_configs,
@@ -85,12 +83,22 @@ def test_enumerate_configs_multiplies_to_n_and_has_no_duplicates():
                         ParallelConfig(ring=4, pipefusion=3, cfg=2), ParallelConfig(ulysses=5)]),
        st.permutations(list(AXES)))
 @settings(max_examples=40, deadline=None)
-def test_axis_groups_match_placement_groups(config, order):
+def test_placement_groups_are_the_ranks_that_share_the_other_coordinates(config, order):
+    """The stride arithmetic of `Placement.groups_of` against its definition through `coordinates`."""
     placement = Placement(config, tuple(order))
-    strides = axis_strides(config, tuple(order))
+    coords = [placement.coordinates(rank) for rank in range(config.world_size)]
+    for axes in [(axis,) for axis in AXES] + [("ulysses", "ring"), ("cfg", "pipefusion")]:
+        expected: dict[tuple, set[int]] = {}
+        for rank, c in enumerate(coords):
+            expected.setdefault(tuple(c[a] for a in AXES if a not in axes), set()).add(rank)
+        groups = placement.groups_of(axes)
+        assert sorted(map(frozenset, groups)) == sorted(map(frozenset, expected.values()))
+        assert [g[0] for g in groups] == sorted(g[0] for g in groups)
     for axis in AXES:
-        expected = sorted(tuple(group) for group in placement.groups(axis))
-        assert sorted(axis_groups(config.world_size, strides[axis], config.degree(axis))) == expected
+        for group in placement.groups(axis):
+            assert [coords[rank][axis] for rank in group] == list(range(config.degree(axis)))
+        if config.degree(axis) > 1:  # one step along the axis from rank 0 moves by its stride
+            assert placement.rank_of({**coords[0], axis: 1}) == placement.strides[axis]
 
 
 def test_distinct_placements_keep_one_order_per_set_of_groups():

@@ -1,0 +1,177 @@
+"""FLOPs and bytes of one transformer block, and of one whole denoising step, counted from its operations.
+
+Every block is listed as the operations eager diffusers runs (after the rank's share of the work):
+its GEMMs (m x k) @ (k x n), its attention calls (batch x heads, queries, keys), and its elementwise
+traffic. The compute model (`costmodel.compute`) prices exactly these lists, and the same lists give
+the FLOP figures `ditplan simulate` reports, so what is priced and what is counted cannot drift apart.
+Conventions: 2 FLOPs per multiply-add; attention counts QK^T and PV (4 x queries x keys x head_dim
+per head); the elementwise rest counts one FLOP per element an operator writes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from costmodel.specs import ModelSpec
+
+# Per (family, block kind): operators launched per block and elementwise slab passes (reads + writes
+# of batch x tokens x hidden x dtype, per row through the block), counted from diffusers' eager
+# forward code. Recurring pieces: LayerNorm 1 op / 2 passes; adaLN modulate x*(1+scale)+shift
+# 2 ops / 4 passes; gate x out + residual 2 ops / 5 passes; attention layout copy 1 op / 2 passes;
+# GELU on the MLP activation 1 op / 2 x mlp_ratio passes; RMSNorm on q and k in fp32 ~6 ops /
+# ~8 passes each; eager rotary embedding on q and k in fp32 ~8 ops / ~12 passes each.
+KERNELS_AND_PASSES: dict[tuple[str, str], tuple[int, float]] = {
+    ("pixart", "cross"): (30, 35.0),  # ada_norm_single BasicTransformerBlock: attn1, attn2, FF
+    ("latte", "cross"): (30, 35.0),  # same block as PixArt's (spatial)
+    ("latte", "temporal"): (24, 30.0),  # self-attention over frames + FF, plus two rearrange copies
+    ("hunyuan", "cross"): (55, 60.0),  # PixArt-like plus LayerNorm q/k norms and 2D rotary on q/k
+    ("sd3", "joint"): (44, 36.0),  # two streams of LN/modulate/FF; joint attention over the concatenation
+    ("flux", "joint"): (90, 66.0),  # SD3's plus fp32 RMSNorm on q/k of both streams and rotary embeddings
+    ("flux", "single"): (45, 62.0),  # fused qkv+MLP-in, RMSNorm q/k, rotary, concat [attn, mlp], fused out
+    ("cogvideox", "single"): (52, 56.0),  # expert adaLN on text/video, LayerNorm q/k, rotary on the video part
+}
+DEFAULT_KERNELS_AND_PASSES: dict[str, tuple[int, float]] = {
+    "cross": (30, 35.0), "joint": (44, 36.0), "single": (45, 40.0), "temporal": (24, 30.0),
+}
+
+
+def kernels_and_passes(family: str, kind: str) -> tuple[int, float]:
+    return KERNELS_AND_PASSES.get((family, kind), DEFAULT_KERNELS_AND_PASSES[kind])
+
+
+@dataclass(frozen=True)
+class BlockWork:
+    """What one rank computes in one block: `rows` are batch x tokens through the projections.
+
+    The self/joint attention runs `attn_groups` independent sequences per sample and head, each of
+    `attn_queries` queries over `attn_keys` keys: one sequence for most blocks, one per frame for
+    Latte's spatial blocks, one per spatial position for its temporal blocks.
+    """
+
+    kind: str
+    batch: int
+    image_tokens: int  # local image tokens through the projections and MLP
+    text_tokens: int  # local text tokens through the projections (joint/single blocks)
+    attn_queries: int  # query tokens of one self/joint attention sequence
+    attn_keys: int  # key tokens each query sees
+    head_fraction: float  # share of the heads this rank computes attention for (1/ulysses)
+    skip_linear: bool = False  # HunyuanDiT: this block fuses a long skip (a 2h -> h linear)
+    attn_groups: int = 1  # independent attention sequences per sample (Latte: frames, or positions)
+
+
+@dataclass(frozen=True)
+class BlockOps:
+    """The operations of one block on one rank."""
+
+    gemms: tuple[tuple[int, int, int], ...]  # (m, k, n)
+    self_attention: tuple[float, int, int]  # (batch x heads, queries, keys): the one SP splits
+    other_attention: tuple[tuple[float, int, int], ...]  # cross-attention to the text
+    elementwise_bytes: float  # bytes the elementwise operators read and write
+    slab_bytes: float  # one pass's size (decides whether a chain stays in L2)
+    activation_elements: float  # elements through the MLP's activation
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs by kind, and the bytes the operations move (each operand read, each result written once)."""
+
+    linear: float = 0.0
+    attention: float = 0.0
+    other: float = 0.0
+    bytes: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention + self.other
+
+    def __add__(self, other: "Flops") -> "Flops":
+        return Flops(self.linear + other.linear, self.attention + other.attention, self.other + other.other,
+                     self.bytes + other.bytes)
+
+    def __mul__(self, factor: float) -> "Flops":
+        return Flops(self.linear * factor, self.attention * factor, self.other * factor, self.bytes * factor)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"linear_flops": self.linear, "attention_flops": self.attention, "other_flops": self.other,
+                "bytes": self.bytes}
+
+
+def block_ops(model: ModelSpec, work: BlockWork) -> BlockOps:
+    """The GEMMs, attention calls and elementwise traffic of one block, as diffusers runs them."""
+    h = model.hidden_size
+    b = model.dtype_bytes
+    B = work.batch
+    img = B * work.image_tokens
+    txt = B * work.text_tokens
+    mlp = int(round(model.mlp_ratio * h))
+    gemms: list[tuple[int, int, int]] = []
+
+    def attention_and_mlp(rows: int) -> None:  # q/k/v and output projections, MLP in and out
+        gemms.extend([(rows, h, 3 * h), (rows, h, h), (rows, h, mlp), (rows, mlp, h)])
+
+    if work.kind in ("cross", "temporal"):
+        attention_and_mlp(img)
+    elif work.kind == "joint":
+        attention_and_mlp(img)
+        attention_and_mlp(txt)
+    elif work.kind == "single":
+        if model.family == "flux":  # fused qkv + MLP-in, then fused out over [attention, MLP]
+            gemms.extend([(img + txt, h, 3 * h + mlp), (img + txt, h + mlp, h)])
+        else:  # CogVideoX: separate projections, one stream over text + video
+            attention_and_mlp(img + txt)
+    other: list[tuple[float, int, int]] = []
+    if work.kind == "cross":
+        # Cross-attention to the text: q/out projections on image rows, k/v on the text states (Latte
+        # repeats the text for every frame it attends from), every image token (all heads) over the text.
+        text_rows = B * model.text_tokens * max(1, work.attn_groups if model.has_temporal_blocks else 1)
+        gemms.extend([(img, h, h), (img, h, h), (text_rows, model.cross_attention_dim, 2 * h)])
+        other.append((float(B * model.num_heads), work.image_tokens, model.text_tokens))
+    if work.skip_linear:
+        gemms.append((img, 2 * h, h))
+    passes = kernels_and_passes(model.family, work.kind)[1]  # per row; joint blocks count both streams' rows
+    slab = (img + txt) * h * b
+    self_attention = (B * model.num_heads * work.head_fraction * work.attn_groups, work.attn_queries, work.attn_keys)
+    return BlockOps(tuple(gemms), self_attention, tuple(other), passes * slab, slab, float((img + txt) * mlp))
+
+
+def ops_flops(model: ModelSpec, ops: BlockOps) -> Flops:
+    """FLOPs and bytes of a block's operations."""
+    b = model.dtype_bytes
+    d = model.head_dim
+    linear = sum(2.0 * m * k * n for m, k, n in ops.gemms)
+    gemm_bytes = sum((m * k + k * n + m * n) * b for m, k, n in ops.gemms)
+    attention = 0.0
+    attention_bytes = 0.0
+    for batch_heads, queries, keys in (ops.self_attention, *ops.other_attention):
+        attention += 4.0 * batch_heads * queries * keys * d
+        attention_bytes += batch_heads * (2 * queries + 2 * keys) * d * b  # q and output; k and v
+    other = ops.elementwise_bytes / (2 * b) + ops.activation_elements  # one FLOP per element written
+    return Flops(linear, attention, other, gemm_bytes + attention_bytes + ops.elementwise_bytes)
+
+
+def block_flops(model: ModelSpec, work: BlockWork) -> Flops:
+    return ops_flops(model, block_ops(model, work))
+
+
+@lru_cache(maxsize=1024)
+def step_flops(model: ModelSpec, height: int, width: int, frames: int) -> Flops:
+    """One denoising step of the whole transformer on one GPU: the whole batch (both CFG halves),
+    every block at full sequence length, plus the text's context projection into the blocks."""
+    batch = 2 if model.uses_cfg else 1
+    tframes, rows, cols = model.token_grid(height, width, frames)
+    tokens = tframes * rows * cols
+    per_frame = rows * cols
+    text = model.text_tokens if model.text_joins_attention else 0
+    half = model.num_blocks // 2
+    total = Flops()
+    for index, kind in enumerate(model.block_sequence):
+        if kind == "temporal":
+            work = BlockWork(kind, batch, tokens, 0, tframes, tframes, 1.0, attn_groups=per_frame)
+        elif model.has_temporal_blocks:
+            work = BlockWork(kind, batch, tokens, 0, per_frame, per_frame, 1.0, attn_groups=tframes)
+        else:
+            skip = model.skip_connections and index > half
+            work = BlockWork(kind, batch, tokens, text, tokens + text, tokens + text, 1.0, skip)
+        total = total + block_flops(model, work)
+    context = 2.0 * batch * model.text_tokens * model.text_hidden * model.hidden_size
+    return total + Flops(linear=context, bytes=(model.text_hidden * model.hidden_size) * model.dtype_bytes)

@@ -1,0 +1,209 @@
+"""PipeFusion: an event simulation of patches x stages x steps, and its closed form.
+
+Synchronous full-image warmup steps, then the patch pipeline with cross-step pipelining (stage 0
+starts patch m of step t+1 once the last stage has sent back patch m of step t), asynchronous sends
+queued per sender, the MM-DiT text stream split into strips with the patches, and HunyuanDiT's long
+skips relayed to the mirror stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from costmodel.block_cost import BlockCost, sequence_cost, step_extras
+from costmodel.sim_setup import Setup, latent_bytes
+from costmodel.trace import event, trace_patch, trace_warmup
+
+def stages_of(st: Setup) -> list[list[tuple[int, str]]]:
+    """Contiguous balanced split of the pipeline units (see ModelSpec.pipeline_units) over the stages."""
+    kinds = st.model.block_sequence
+    units = st.model.pipeline_units
+    p = st.config.pipefusion
+    base, extra = divmod(len(units), p)
+    stages, start = [], 0
+    for s in range(p):
+        size = base + (1 if s < extra else 0)
+        stages.append([(index, kinds[index]) for unit in units[start:start + size] for index in unit])
+        start += size
+    return stages
+
+
+class Transfers:
+    """Point-to-point costs between pipefusion stages (every SP/CFG/DP replica sends at once)."""
+
+    def __init__(self, st: Setup) -> None:
+        self.st = st
+        self.cache: dict[tuple[int, int], tuple[float, float, str]] = {}
+
+    def seconds(self, source: int, target: int, nbytes: float) -> float:
+        key = (source, target)
+        if key not in self.cache:
+            pairs = tuple((g[source], g[target]) for g in self.st.groups["pipefusion"])
+            self.cache[key] = self.st.cluster.pattern_cost("p2p", pairs)
+        per_byte, fixed, _ = self.cache[key]
+        measured = self.st.cluster.measured
+        if measured is not None and ("p2p", 2) in measured.communication:
+            return measured.communication[("p2p", 2)](nbytes)
+        return fixed + per_byte * nbytes
+
+
+@dataclass
+class PipelineParts:
+    """What the event simulation and its closed form both start from."""
+
+    stages: list[list[tuple[int, str]]]
+    full: list[BlockCost]  # each stage's blocks over the full image (warmup steps)
+    patch: list[BlockCost]  # each stage's blocks over one patch
+    host: float  # per-step host work outside the blocks
+    extra_comm: float  # per-step exposed communication outside the blocks (output gathers)
+    extra_tiers: dict[str, float]
+    transfers: "Transfers"
+    full_tokens: int
+    patch_tokens: int
+    relayed: list[int]  # long skips crossing each stage boundary s -> s+1
+    messages: list[list[tuple[int, float]]]  # per stage: (target stage, bytes) sent per patch
+
+
+def pipeline_parts(st: Setup) -> PipelineParts:
+    config, model = st.config, st.model
+    p, M, sp = config.pipefusion, config.patches, config.sp
+    b, h = model.dtype_bytes, model.hidden_size
+    stages = stages_of(st)
+    host, extra_comm, extra_tiers = step_extras(st)
+    full_tokens = st.tokens // sp
+    patch_tokens = max(1, st.tokens // (M * sp))
+    # Stage durations: full image (warmup) and per patch. The MM-DiT text stream is split into strips
+    # like the image, so each patch carries T/M text tokens and the text runs once per step in total.
+    patch_text = -(-st.text // M)
+    full = [sequence_cost(st, blocks, full_tokens, st.text) for blocks in stages]
+    patch = [sequence_cost(st, blocks, patch_tokens, patch_text) for blocks in stages]
+    # Messages each stage sends per patch: the hidden states (with the patch's text strip) to the next
+    # stage and the latent strip from the last stage back to stage 0. HunyuanDiT's long skips (block
+    # i's output feeds block L-1-i) ride along: stages only talk to their neighbour, so a skip is
+    # relayed across every boundary between its source stage and its target stage.
+    stage_of = {index: s for s, blocks in enumerate(stages) for index, _ in blocks}
+    slab = st.batch * patch_tokens * h * b
+    patch_text_slab = st.batch * patch_text * h * b
+    relayed = [0] * p
+    if model.skip_connections:
+        L = model.num_blocks
+        for index in range(L // 2 - 1):  # blocks 0 .. L/2-2 keep their output for block L-1-index
+            for boundary in range(stage_of[index], stage_of[L - 1 - index]):
+                relayed[boundary] += 1
+    messages: list[list[tuple[int, float]]] = []
+    for s in range(p):
+        out: list[tuple[int, float]] = []
+        if s < p - 1:
+            out.append((s + 1, slab * (1 + relayed[s]) + patch_text_slab))
+        elif p > 1:
+            out.append((0, latent_bytes(st, patch_tokens)))
+        messages.append(out)
+    return PipelineParts(stages, full, patch, host, extra_comm, extra_tiers, Transfers(st), full_tokens, patch_tokens,
+                         relayed, messages)
+
+
+def _warm_step(st: Setup, parts: PipelineParts) -> float:
+    """One synchronous full-image step through the stages in turn."""
+    p = st.config.pipefusion
+    b, h = st.model.dtype_bytes, st.model.hidden_size
+    step = sum(cost.compute + cost.comm for cost in parts.full) + parts.host + parts.extra_comm
+    if p > 1:
+        text_slab = st.batch * st.text * h * b
+        step += sum(parts.transfers.seconds(s, s + 1, st.batch * parts.full_tokens * h * b * (1 + parts.relayed[s])
+                                            + text_slab) for s in range(p - 1))
+        step += parts.transfers.seconds(p - 1, 0, latent_bytes(st, parts.full_tokens))
+    return step
+
+
+def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
+    config = st.config
+    p, M = config.pipefusion, config.patches
+    parts = pipeline_parts(st)
+    stages, full, patch, transfers, messages = parts.stages, parts.full, parts.patch, parts.transfers, parts.messages
+    extra_comm, extra_tiers = parts.extra_comm, parts.extra_tiers
+    per_patch_extra = (parts.host + extra_comm) / M
+    durations = [[patch[s].compute + patch[s].comm + (per_patch_extra if s == p - 1 else 0.0) for _ in range(M)]
+                 for s in range(p)]
+
+    # Warmup: synchronous full-image steps through the stages in turn.
+    warm_step = _warm_step(st, parts)
+    warmup_steps = min(config.warmup, st.steps)
+    warmup_s = warmup_steps * warm_step
+    if trace is not None:
+        trace_warmup(st, trace, full, stages, warmup_steps, warm_step)
+
+    # Patch pipeline.
+    stage_free = [warmup_s] * p
+    send_free = [warmup_s] * p
+    busy = [0.0] * p
+    back = [warmup_s] * M
+    end = warmup_s
+    ranks_of = [[g[s] for g in st.groups["pipefusion"]] for s in range(p)]
+    for t in range(warmup_steps, st.steps):
+        for m in range(M):
+            need = [0.0] * p
+            need[0] = back[m]
+            for s in range(p):
+                start = stage_free[s] if stage_free[s] > need[s] else need[s]
+                finish = start + durations[s][m]
+                if trace is not None:
+                    trace_patch(trace, ranks_of[s], stage_free[s], start, finish, t, m, s)
+                stage_free[s] = finish
+                busy[s] += durations[s][m]
+                for target, nbytes in messages[s]:
+                    send_start = finish if finish > send_free[s] else send_free[s]
+                    arrival = send_start + transfers.seconds(s, target, nbytes)
+                    send_free[s] = arrival
+                    if trace is not None:
+                        for rank in ranks_of[s]:
+                            trace.append(event(f"send to stage {target}", "communication", rank, 1, send_start, arrival))
+                    if target == 0:
+                        back[m] = arrival
+                    else:
+                        need[target] = arrival
+                if p == 1:
+                    back[m] = finish  # one process: the next step's patch m waits only for this one
+                end = max(end, finish)
+    pipelined = st.steps - warmup_steps
+    pipeline_s = end - warmup_s
+    bottleneck = max(range(p), key=lambda s: busy[s])
+    bottleneck_comm = (patch[bottleneck].comm + (extra_comm / M if bottleneck == p - 1 else 0.0)) * M * pipelined
+    tiers: dict[str, float] = {}
+    for tier, seconds in patch[bottleneck].tiers.items():
+        tiers[tier] = tiers.get(tier, 0.0) + seconds * M * pipelined
+    if bottleneck == p - 1:
+        for tier, seconds in extra_tiers.items():
+            tiers[tier] = tiers.get(tier, 0.0) + seconds * pipelined
+    breakdown = {
+        "warmup_s": warmup_s,
+        "compute_s": busy[bottleneck] - bottleneck_comm,
+        "communication_s": bottleneck_comm,
+        "bubble_s": max(0.0, pipeline_s - busy[bottleneck]),
+    }
+    per_step = pipeline_s / pipelined if pipelined else warm_step
+    return {"latency": warmup_s + pipeline_s, "breakdown": breakdown, "per_step": per_step, "tiers": tiers,
+            "stages": stages}
+
+
+def estimate_pipeline(st: Setup) -> dict[str, Any]:
+    """Closed form of `simulate_pipeline`: fill plus steady state, from the same parts."""
+    config, model = st.config, st.model
+    p, M = config.pipefusion, config.patches
+    parts = pipeline_parts(st)
+    slab = st.batch * parts.patch_tokens * model.hidden_size * model.dtype_bytes
+    hop = max((parts.transfers.seconds(s, s + 1, slab) for s in range(p - 1)), default=0.0)
+    per_patch = [c.compute + c.comm for c in parts.patch]
+    per_patch[-1] += (parts.host + parts.extra_comm) / M
+    cycle = sum(per_patch) + p * hop  # one patch around the stage ring
+    per_step = max(M * max(per_patch), cycle)
+    warm_step = _warm_step(st, parts)
+    warmup_steps = min(config.warmup, st.steps)
+    pipelined = st.steps - warmup_steps
+    pipeline_s = (cycle - max(per_patch) + per_step * pipelined) if pipelined else 0.0
+    busy = max(per_patch) * M * pipelined
+    return {
+        "latency": warmup_steps * warm_step + pipeline_s,
+        "breakdown": {"warmup_s": warmup_steps * warm_step, "compute_s": min(busy, pipeline_s),
+                      "communication_s": 0.0, "bubble_s": max(0.0, pipeline_s - busy)},
+        "per_step": per_step if pipelined else warm_step, "tiers": {}, "stages": parts.stages,
+    }
