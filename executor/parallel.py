@@ -22,6 +22,8 @@ from costmodel.errors import DitplanError
 from executor.families import FamilyAdapter, GenerationRequest, adapter_for
 from executor.groups import ExecutorGroups, build_groups, init_distributed, launched_world_size
 from executor.loop import denoise
+from executor.vae import build_decode_group
+from executor.vae import decode as decode_in_strips
 
 # diffusers pipeline class -> the ditplan model id of its usual checkpoint (for plan="auto").
 _DEFAULT_MODEL_IDS = {
@@ -175,6 +177,7 @@ class ParallelPipeline:
             from executor.pipefusion import prepare_stage
 
             prepare_stage(pipe.transformer, self.adapter.family, groups.coordinate("pipefusion"), config.pipefusion)
+        self._decode_group = build_decode_group(config, placement, self.rank)
 
     def layout(self) -> str:
         """The rank layout (coordinates and groups per axis), printable."""
@@ -247,7 +250,9 @@ class ParallelPipeline:
         decode_started = time.perf_counter()
         leader = self.groups.replica_leader
         result = None
-        if share and leader and latents is not None:
+        if share and self._decode_group is not None:
+            result = decode_in_strips(self.adapter, local, latents, output_type, self._decode_group)
+        elif share and leader and latents is not None:
             result = self.adapter.decode(local, latents, output_type)
         timings.decode_s = time.perf_counter() - decode_started
 
