@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exhaustive", action="store_true", help="simulate every candidate however large the space")
     parser.add_argument("--min-warmup", type=int, default=0, metavar="N",
                         help="fidelity floor: PipeFusion plans keep at least N synchronous warmup steps (default 0)")
+    parser.add_argument("--emit", choices=("xdit", "diffusers"),
+                        help="also print the best plan as xDiT's launch flags or diffusers' parallel configuration")
 
 
 def _placement_text(plan) -> str:
@@ -115,10 +117,17 @@ def run(args: argparse.Namespace) -> int:
         from planner.pareto import plot_pareto
 
         plot_pareto(result, args.plot)
+    emitted = None
+    if args.emit:
+        from planner.emit import emit
+
+        emitted = emit(result.to_plan(best), args.emit)
     if args.format == "json":
-        print_json(result.to_dict(top=args.top))
+        print_json({**result.to_dict(top=args.top), **({"emit": emitted.to_dict()} if emitted else {})})
     else:
         print(render_table(result, args.top or DEFAULT_TOP, args.show_pruned))
+        if emitted:
+            print("\n" + emitted.render())
         if args.out:
             print(f"\nplan written to {args.out}")
         if args.plot:
