@@ -13,7 +13,8 @@ Method models (MECHANICS.md):
   then the patch pipeline with cross-step pipelining (stage 0 starts patch m of step t+1 once the last
   stage has sent back patch m of step t), asynchronous sends queued per sender, the MM-DiT text
   stream split into strips with the patches, and HunyuanDiT's long skips relayed to the mirror stage.
-`latency_s` is the denoising loop; text encoding and VAE decoding are reported separately.
+`latency_s` is the denoising loop; `end_to_end_s` adds text encoding, the VAE decode and the transfers
+between them (costmodel.pipeline_stages).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from costmodel import compute
 from costmodel.compute import BlockWork
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
+from costmodel.pipeline_stages import memory_note, price_stages
 from costmodel.rules import ensure_valid_config
 from costmodel.specs import ModelSpec, load_model
 from costmodel.topology import Cluster, load_cluster
@@ -39,9 +41,6 @@ ACTIVATION_SLABS = 7.0
 # Operators per step outside the blocks: time embedding, patch embedding, final norm/projection,
 # unpatchify, guidance combine and the scheduler's update (counted from diffusers' pipelines).
 STEP_KERNELS = 60
-# Convolutions of the VAE decoder (cuDNN at 128-512 channels, large spatial maps) reach about half
-# of the large-GEMM efficiency; text encoders run as large GEMMs.
-VAE_EFFICIENCY_SCALE = 0.5
 # Ulysses reshapes q, k, v and the output into contiguous [rank, heads/u, tokens, d] blocks before
 # each all-to-all and back after it: 4 tensors x 2 copies x 2 passes (read + write) of the local slab.
 ULYSSES_LAYOUT_PASSES = 16.0
@@ -86,6 +85,8 @@ class SimResult:
     text_encode_s: float
     vae_decode_s: float
     trace: list[dict[str, Any]] | None = None
+    end_to_end_s: float = 0.0  # text encoding + loop + VAE decode + the transfers between them
+    stages: dict[str, float] = field(default_factory=dict)  # pipeline_stages.StagePrices.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of `ditplan simulate`."""
@@ -97,6 +98,7 @@ class SimResult:
             "feasible": self.feasible, "reason": self.reason, "breakdown": dict(self.breakdown),
             "comm_by_tier": dict(self.comm_by_tier), "memory": dict(self.memory),
             "text_encode_s": self.text_encode_s, "vae_decode_s": self.vae_decode_s,
+            "end_to_end_s": self.end_to_end_s, "stages": dict(self.stages),
         }
 
 
@@ -483,14 +485,6 @@ def _memory(st: _Setup, stages: list | None) -> dict[str, float]:
     }
 
 
-def _encode_decode_seconds(st: _Setup) -> tuple[float, float]:
-    model, hw = st.model, st.cluster.hardware
-    prompts = 2 if model.uses_cfg else 1  # the negative prompt is encoded too
-    text_flops = sum(2.0 * encoder.params * model.text_tokens * prompts for encoder in model.encoders)
-    vae_flops = st.height * st.width * st.frames * model.vae_decode_flops_per_pixel
-    return compute.dense_seconds(hw, text_flops), compute.dense_seconds(hw, vae_flops, VAE_EFFICIENCY_SCALE)
-
-
 # ------------------------------------------------------------------ public entry points
 
 def _text_split(st: _Setup) -> bool:
@@ -528,20 +522,24 @@ def _non_pipeline(st: _Setup, trace: list | None) -> dict[str, Any]:
 
 def _result(st: _Setup, core: dict[str, Any], trace: list | None) -> SimResult:
     memory = _memory(st, core["stages"])
+    stages = price_stages(st.model, st.cluster, st.config, st.placement, st.height, st.width, st.frames)
+    # The decode runs after the loop: its activations add only what exceeds the loop's.
+    memory["decode_extra_gib"] = max(0.0, stages.decode_activations_gib - memory["activations_gib"] - memory["kv_buffers_gib"])
     total = sum(memory.values())
     capacity = st.cluster.hardware.memory_gib
     feasible = total <= capacity
     reason = ""
     if not feasible:
         parts = ", ".join(f"{key[:-4].replace('_', ' ')} {value:.1f}" for key, value in memory.items())
-        reason = (f"needs {total:.1f} GiB per GPU ({parts}) but a {st.cluster.hardware.name} has {capacity:.1f} GiB")
-    text_s, vae_s = _encode_decode_seconds(st)
+        reason = (f"needs {total:.1f} GiB per GPU ({parts}) but a {st.cluster.hardware.name} has {capacity:.1f} GiB"
+                  + memory_note(memory, capacity))
     return SimResult(
         model=st.model.id, cluster=st.cluster.id, gpus=st.cluster.gpus, config=str(st.config),
         placement=list(st.placement.order), height=st.height, width=st.width, frames=st.frames, steps=st.steps,
         latency_s=core["latency"], per_step_s=core["per_step"], memory_gib=total, memory_capacity_gib=capacity,
         feasible=feasible, reason=reason, breakdown=core["breakdown"], comm_by_tier=core["tiers"], memory=memory,
-        text_encode_s=text_s, vae_decode_s=vae_s, trace=trace,
+        text_encode_s=stages.text_encode_s, vae_decode_s=stages.vae_decode_s, trace=trace,
+        end_to_end_s=stages.end_to_end_s(core["latency"]), stages=stages.to_dict(),
     )
 
 

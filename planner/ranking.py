@@ -23,6 +23,8 @@ from typing import Any
 import costmodel
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
+from costmodel.pipeline_stages import choose_vae
+from costmodel.simulate import RUNTIME_OVERHEAD_GIB
 from costmodel.rules import check_generation
 from planner.explain import Comparison, compare, describe_plan, warmup_note
 from planner.plan import Plan
@@ -58,6 +60,12 @@ class RankedPlan:
     per_step_s: float | None = None
     comm_by_tier: dict[str, float] = field(default_factory=dict)
     scored_by: str = "simulator"
+    end_to_end_s: float | None = None  # text encoding + loop + VAE decode + transfers (None: not priced)
+
+    @property
+    def ranked_s(self) -> float:
+        """What the ranking orders by: the whole generation where priced, else the loop."""
+        return self.latency_s if self.end_to_end_s is None else self.end_to_end_s
 
     @property
     def images(self) -> int:
@@ -76,7 +84,7 @@ class RankedPlan:
         return f"stale-kv(warmup={self.config.warmup})"
 
     def sort_key(self) -> tuple:
-        return (self.scored_by != "simulator", self.latency_s, self.gpus, self.memory_gib,
+        return (self.scored_by != "simulator", self.ranked_s, self.latency_s, self.gpus, self.memory_gib,
                 simplicity(self.config, self.placement))
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +93,7 @@ class RankedPlan:
             "config": str(self.config),
             "placement": list(self.placement.order),
             "latency_s": self.latency_s,
+            "end_to_end_s": self.end_to_end_s,
             "memory_gib": self.memory_gib,
             "per_step_s": self.per_step_s,
             "breakdown": dict(self.breakdown),
@@ -326,7 +335,7 @@ def _from_result(gpus: int, config: ParallelConfig, placement: Placement, result
         memory_gib=float(result.memory_gib), breakdown={k: float(v) for k, v in result.breakdown.items()},
         per_step_s=None if result.per_step_s is None else float(result.per_step_s),
         comm_by_tier={k: float(v) for k, v in (result.comm_by_tier or {}).items()},
-        scored_by=scored_by,
+        scored_by=scored_by, end_to_end_s=float(result.end_to_end_s),
     )
 
 
@@ -336,6 +345,20 @@ class _Scorer:
     def __init__(self, model: Any, cluster: Any, height: int, width: int, frames: int, steps: int) -> None:
         self.model, self.cluster = model, cluster
         self.shape = dict(height=height, width=width, frames=frames, steps=steps)
+        self.spec = spec = costmodel.load_model(model)
+        # What stays allocated on a decode rank besides the decoder's activations: at most the whole
+        # pipeline's weights and the runtime.
+        weights_gib = (spec.params + spec.encoder_params + spec.vae_params) * spec.dtype_bytes / 2**30
+        self.decode_memory_gib = cluster.hardware.memory_gib - RUNTIME_OVERHEAD_GIB - weights_gib
+
+    def with_vae(self, config: ParallelConfig, placement: Placement) -> tuple[ParallelConfig, Placement]:
+        """The candidate with the VAE decode rank count the cost model prefers for it."""
+        vae = choose_vae(self.spec, self.cluster, config, placement, self.shape["height"],
+                         self.shape["width"], self.shape["frames"], self.decode_memory_gib)
+        if vae == config.vae:
+            return config, placement
+        chosen = replace(config, vae=vae)
+        return chosen, Placement(chosen, placement.order)
 
     def simulate(self, config: ParallelConfig, placement: Placement) -> Any:
         return costmodel.simulate(self.model, self.cluster, config, placement=placement, **self.shape)
@@ -395,6 +418,7 @@ def _search_one_count(model: Any, cluster_ref: str, nodes: int | None, gpus: int
         for config, placement in items:
             if bar is not None:
                 bar.update(1)
+            config, placement = scorer.with_vae(config, placement)
             if str(config) in out_of_memory:
                 continue
             result = scorer.simulate(config, placement) if how == "simulator" else scorer.estimate(config, placement)
