@@ -2,8 +2,8 @@
 
 The public rows (profiles/validation/public.csv, a copy of ../shared/validation/public.csv) time the
 denoising loop (PipeFusion paper: the transformer only) or the whole generation (xDiT's docs tables:
-end to end); the prediction compared is the matching one: `latency_s`, or `latency_s` plus text
-encoding and VAE decoding. pandas is imported here only, lazily, so the CLI stays light.
+end to end); the prediction compared is the matching one: `latency_s`, or `end_to_end_s` (text
+encoding, loop, VAE decode and the transfers between them). pandas is imported here only, lazily, so the CLI stays light.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def predict_row(row: dict[str, str]) -> dict[str, Any]:
         out.update(config=None, predicted_s=math.nan, error_pct=math.nan, reason=str(error))
         return out
     end_to_end = any(source in row.get("source", "") for source in END_TO_END_SOURCES)
-    predicted = result.latency_s + (result.text_encode_s + result.vae_decode_s if end_to_end else 0.0)
+    predicted = result.end_to_end_s if end_to_end else result.latency_s
     published = float(row["latency_s"])
     out.update(config=str(config), predicted_s=predicted, timed="end to end" if end_to_end else "denoising loop",
                error_pct=100.0 * (predicted - published) / published, feasible=result.feasible, reason=result.reason)
