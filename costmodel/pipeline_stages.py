@@ -199,9 +199,13 @@ def choose_vae(model: Any, cluster: Any, config: ParallelConfig, placement: Plac
 
 def memory_note(memory: dict[str, float], capacity_gib: float) -> str:
     """For a plan that does not fit: whether it would fit with the text encoders and VAE elsewhere."""
-    held = memory.get("encoders_vae_gib", 0.0) + memory.get("decode_extra_gib", 0.0)
+    decode = memory.get("decode_extra_gib", 0.0)
+    held = memory.get("encoders_vae_gib", 0.0) + decode
     without = sum(memory.values()) - held
+    note = ""
     if held and without <= capacity_gib:
-        return (f"; it fits only with the text encoders and VAE elsewhere ({without:.1f} GiB without their "
+        note = (f"; it fits only with the text encoders and VAE elsewhere ({without:.1f} GiB without their "
                 f"{held:.1f} GiB: the executor keeps them on every GPU)")
-    return ""
+    if decode:
+        note += f"; more VAE decode ranks (vae=N) divide the decode's {decode:.1f} GiB above the loop's peak"
+    return note

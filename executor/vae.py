@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
+from costmodel.pipeline_stages import decode_groups
 
 
 def strip_rows(total: int, parts: int) -> list[int]:
@@ -40,19 +41,6 @@ def strip_rows(total: int, parts: int) -> list[int]:
         raise DitplanError(f"vae={parts}: the latent has {total} rows, so at most {total} ranks can decode it in strips.")
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
-def decode_groups(config: ParallelConfig, placement: Placement) -> list[list[int]]:
-    """Per data-parallel replica (in dp order), the global ranks that decode its images together.
-
-    They are the replica's `vae` lowest ranks: the replica leader first, then the ranks nearest to it
-    under the placement (the innermost axes).
-    """
-    replicas = []
-    for d in range(config.dp):
-        ranks = sorted(r for r in range(config.world_size) if placement.coordinates(r)["dp"] == d)
-        replicas.append(ranks[: config.vae])
-    return replicas
 
 
 @dataclass
@@ -82,10 +70,10 @@ def build_decode_group(config: ParallelConfig, placement: Placement, rank: int) 
     if config.vae == 1:
         return None
     mine = None
-    for ranks in decode_groups(config, placement):
-        group = dist.new_group(ranks)
+    for ranks in decode_groups(config, placement.order):
+        group = dist.new_group(list(ranks))
         if rank in ranks:
-            mine = DecodeGroup(ranks=ranks, rank=rank, group=group)
+            mine = DecodeGroup(ranks=list(ranks), rank=rank, group=group)
     return mine
 
 

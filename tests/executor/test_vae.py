@@ -16,9 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from executor_spawn import run_ranks  # noqa: E402
 from test_entrypoints import ditplan_run  # noqa: E402
 
-from costmodel.config import ParallelConfig, Placement  # noqa: E402
 from costmodel.errors import DitplanError  # noqa: E402
-from executor.vae import decode_groups, strip_rows  # noqa: E402
+from executor.vae import strip_rows  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "vae_worker.py"
 
@@ -28,13 +27,6 @@ def test_strip_rows_are_near_equal_and_cover_the_latent():
     assert strip_rows(32, 2) == [16, 16]
     with pytest.raises(DitplanError, match="at most 3 ranks"):
         strip_rows(3, 4)
-
-
-def test_decode_groups_are_each_replicas_lowest_ranks():
-    config = ParallelConfig(cfg=2, ulysses=2, dp=2, vae=2)
-    assert decode_groups(config, Placement(config)) == [[0, 1], [4, 5]]
-    outer = Placement(config, ("dp", "cfg", "ulysses", "ring", "pipefusion"))
-    assert decode_groups(config, outer) == [[0, 2], [1, 3]]
 
 
 @pytest.mark.timeout(400)
