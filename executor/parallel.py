@@ -22,7 +22,7 @@ from costmodel.errors import DitplanError
 from executor.families import FamilyAdapter, GenerationRequest, adapter_for
 from executor.groups import ExecutorGroups, build_groups, init_distributed, launched_world_size
 from executor.loop import denoise
-from executor.vae import build_decode_group
+from executor.vae import build_decode_group, decode_problems
 from executor.vae import decode as decode_in_strips
 
 # diffusers pipeline class -> the ditplan model id of its usual checkpoint (for plan="auto").
@@ -223,6 +223,7 @@ class ParallelPipeline:
             from executor.pipefusion import size_problems
 
             problems.extend(size_problems(job, self.adapter, self.config))
+        problems.extend(decode_problems(self.config, self.adapter, job))
         _refuse(self.config, problems)
         self.last_sizes = {"height": job.height, "width": job.width, "frames": job.num_frames,
                            "steps": job.num_steps, "guidance_scale": job.guidance_scale}

@@ -209,7 +209,7 @@ def _gather_image(x: torch.Tensor, strips: _Strips) -> torch.Tensor:
 
 def _check_supported(vae: torch.nn.Module) -> None:
     if getattr(vae, "use_tiling", False):
-        raise DitplanError("vae>1 splits the decode into strips itself; turn the VAE's tiling off (vae.disable_tiling()).")
+        raise DitplanError(TILING_PROBLEM + ".")
     for name, module in vae.decoder.named_modules():
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and module.kernel_size[-2] > 1:
             if module.stride[-2] != 1 or module.dilation[-2] != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -217,6 +217,25 @@ def _check_supported(vae: torch.nn.Module) -> None:
                     f"vae>1: decoder convolution {name} (stride {module.stride}, dilation {module.dilation}, padding "
                     f"{module.padding!r} {module.padding_mode}) is not a zero-padded stride-1 convolution, so it cannot be split in row strips."
                 )
+
+
+TILING_PROBLEM = "vae>1 decodes in strips itself, so the VAE's tiling must be off (vae.disable_tiling())"
+
+
+def decode_problems(config: ParallelConfig, adapter: Any, job: Any) -> list[str]:
+    """Why `config.vae` ranks cannot decode this job's latent in strips (empty when they can)."""
+    if config.vae == 1:
+        return []
+    pipe = adapter.pipe
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor  # CogVideoX names it apart
+    rows = job.height // factor
+    problems = []
+    if rows < config.vae:
+        problems.append(f"vae={config.vae} but the latent has {rows} rows ({job.height} px / {factor}); "
+                        "each decode rank needs at least one")
+    if getattr(pipe.vae, "use_tiling", False):
+        problems.append(TILING_PROBLEM)
+    return problems
 
 
 @contextmanager
