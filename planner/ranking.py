@@ -236,7 +236,8 @@ class SearchResult:
                 "comparisons": [c.to_dict() for c in self.comparisons()],
             }
             payload["best_per_count"] = [
-                {"gpus": n, "config": str(p.config), "placement": list(p.placement.order), "latency_s": p.latency_s}
+                {"gpus": n, "config": str(p.config), "placement": list(p.placement.order), "latency_s": p.latency_s,
+                 "end_to_end_s": p.end_to_end_s}
                 for n, p in self.best_per_count.items()
             ]
         return payload
@@ -248,8 +249,8 @@ class SearchResult:
             model=self.model, height=self.height, width=self.width, frames=self.frames, steps=self.steps,
             cluster=self.cluster, gpus=chosen.gpus, config=chosen.config, placement=chosen.placement,
             predicted={
-                "latency_s": chosen.latency_s, "memory_gib": chosen.memory_gib, "per_step_s": chosen.per_step_s,
-                "breakdown": dict(chosen.breakdown), "comm_by_tier": dict(chosen.comm_by_tier),
+                "latency_s": chosen.latency_s, "end_to_end_s": chosen.end_to_end_s, "memory_gib": chosen.memory_gib,
+                "per_step_s": chosen.per_step_s, "breakdown": dict(chosen.breakdown), "comm_by_tier": dict(chosen.comm_by_tier),
                 "speedup": self.speedup(chosen), "fidelity": chosen.fidelity, "scored_by": chosen.scored_by,
             },
             explanation=self.explanation() if chosen is self.best else [], nodes=self.nodes,
@@ -264,6 +265,7 @@ class SearchResult:
             rows.append({
                 "rank": index + 1, "gpus": plan.gpus, "config": str(plan.config),
                 "placement": ",".join(plan.placement.order), "latency_s": plan.latency_s,
+                "end_to_end_s": plan.end_to_end_s,
                 "memory_gib": plan.memory_gib, "speedup": self.speedup(plan),
                 "efficiency": self.efficiency(plan), "gpu_seconds_per_image": plan.gpu_seconds_per_image,
                 "fidelity": plan.fidelity, "scored_by": plan.scored_by,
