@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import costmodel
-from costmodel.config import ParallelConfig, Placement
+from costmodel.config import AXES, ParallelConfig, Placement
 from costmodel.errors import DitplanError
 from costmodel.pipeline_stages import choose_vae
 from costmodel.simulate import RUNTIME_OVERHEAD_GIB
@@ -352,11 +352,16 @@ class _Scorer:
         # pipeline's weights and the runtime.
         weights_gib = (spec.params + spec.encoder_params + spec.vae_params) * spec.dtype_bytes / 2**30
         self.decode_memory_gib = cluster.hardware.memory_gib - RUNTIME_OVERHEAD_GIB - weights_gib
+        self.vae_choices: dict[tuple, int] = {}
 
     def with_vae(self, config: ParallelConfig, placement: Placement) -> tuple[ParallelConfig, Placement]:
         """The candidate with the VAE decode rank count the cost model prefers for it."""
-        vae = choose_vae(self.spec, self.cluster, config, placement, self.shape["height"],
-                         self.shape["width"], self.shape["frames"], self.decode_memory_gib)
+        # The choice depends on the degrees and the placement only (not on patches or warmup).
+        key = (tuple(config.degree(axis) for axis in AXES), placement.order)
+        vae = self.vae_choices.get(key)
+        if vae is None:
+            vae = self.vae_choices[key] = choose_vae(self.spec, self.cluster, config, placement, self.shape["height"],
+                                                     self.shape["width"], self.shape["frames"], self.decode_memory_gib)
         if vae == config.vae:
             return config, placement
         chosen = replace(config, vae=vae)
