@@ -140,6 +140,9 @@ def main() -> None:
                 lines.append(f"{model_id:<18} {size:<13} {ranks:>5}  {result['peak_mib']:>22.1f}  {predicted:>9.1f}"
                              f"  {result['seconds']:>8.2f}  {diff:>23.0f}")
                 bar.update()
+    lines += ["", "measured: resident-set high-water mark during the decode above the resident set before it, largest rank;",
+              "predicted: costmodel.pipeline_stages.decode_activations_gib, a model of GPU activations (no convolution",
+              "workspace); decode s: slowest rank, on this machine's CPUs (gloo, one thread per rank)."]
     text = "\n".join(lines)
     print(text)
     if args.out:
