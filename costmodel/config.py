@@ -15,6 +15,8 @@ from costmodel.errors import DitplanError
 AXES: tuple[str, ...] = ("ulysses", "ring", "pipefusion", "cfg", "dp")
 DEFAULT_PLACEMENT: tuple[str, ...] = AXES  # innermost first, as xDiT orders them
 TEXT_KEYS: tuple[str, ...] = ("cfg", "ulysses", "ring", "pipefusion", "patches", "warmup", "dp")
+# Keys of the text form written only where they differ from their default (so existing identifiers stay).
+OPTIONAL_TEXT_KEYS: tuple[str, ...] = ("vae",)
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,8 @@ class ParallelConfig:
     """Degrees of the hybrid: cfg x ulysses x ring x pipefusion x dp GPUs.
 
     `patches` is PipeFusion's patch count M (default: the pipefusion degree); `warmup` is the
-    number of synchronous full-image steps before the patch pipeline starts.
+    number of synchronous full-image steps before the patch pipeline starts. `vae` is how many ranks
+    of one replica decode the VAE together in row strips (not an axis: it adds no GPUs).
     """
 
     cfg: int = 1
@@ -32,6 +35,7 @@ class ParallelConfig:
     dp: int = 1
     patches: int | None = None
     warmup: int = 1
+    vae: int = 1
 
     def __post_init__(self) -> None:
         for key in ("cfg", "ulysses", "ring", "pipefusion", "dp"):
@@ -51,6 +55,12 @@ class ParallelConfig:
             )
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
             raise DitplanError(f"configuration: warmup={self.warmup!r} is not allowed; warmup steps must be an integer >= 0.")
+        replica = self.world_size // self.dp
+        if not isinstance(self.vae, int) or isinstance(self.vae, bool) or self.vae < 1 or replica % self.vae:
+            raise DitplanError(
+                f"configuration: vae={self.vae!r} is not allowed; the VAE decode ranks come from one replica's "
+                f"{replica} rank(s), so vae must be an integer >= 1 that divides {replica}."
+            )
 
     @property
     def sp(self) -> int:
@@ -88,8 +98,8 @@ class ParallelConfig:
             key = key.strip()
             if not sep:
                 raise DitplanError(f"configuration {text!r}: {item.strip()!r} is not key=value; write e.g. 'ulysses=2,cfg=2'.")
-            if key not in TEXT_KEYS:
-                raise DitplanError(f"configuration {text!r}: unknown key {key!r}; the keys are {', '.join(TEXT_KEYS)}.")
+            if key not in TEXT_KEYS + OPTIONAL_TEXT_KEYS:
+                raise DitplanError(f"configuration {text!r}: unknown key {key!r}; the keys are {', '.join(TEXT_KEYS + OPTIONAL_TEXT_KEYS)}.")
             if key in values:
                 raise DitplanError(f"configuration {text!r}: {key!r} is given twice.")
             try:
@@ -99,7 +109,8 @@ class ParallelConfig:
         return cls(**values)
 
     def __str__(self) -> str:
-        return ",".join(f"{key}={getattr(self, key)}" for key in TEXT_KEYS)
+        optional = [key for key in OPTIONAL_TEXT_KEYS if getattr(self, key) != 1]
+        return ",".join(f"{key}={getattr(self, key)}" for key in TEXT_KEYS + tuple(optional))
 
 
 @dataclass(frozen=True)

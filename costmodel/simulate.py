@@ -5,25 +5,21 @@ one rank with Ulysses/Ring/USP (`costmodel.block_cost`), the PipeFusion event si
 closed form (`costmodel.pipefusion_sim`), memory (`costmodel.memory`) and the timeline
 (`costmodel.trace`). CFG: each half of the guidance batch on its own ranks, one all-gather of the
 noise prediction per step. DP: replicas on other prompts; no communication, but their groups share
-links with ours. `latency_s` is the denoising loop; text encoding and VAE decoding are reported
-separately.
+links with ours. `latency_s` is the denoising loop; `end_to_end_s` adds text encoding, the VAE decode
+and the transfers between them (`costmodel.pipeline_stages`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from costmodel import compute
 from costmodel.block_cost import sequence_cost, step_extras
 from costmodel.flops import Flops, step_flops
 from costmodel.memory import memory_gib
 from costmodel.pipefusion_sim import estimate_pipeline, simulate_pipeline
+from costmodel.pipeline_stages import memory_note, price_stages
 from costmodel.sim_setup import Setup, build_setup, text_split
 from costmodel.trace import name_tracks, trace_steps
-
-# Convolutions of the VAE decoder (cuDNN at 128-512 channels, large spatial maps) reach about half
-# of the large-GEMM efficiency; text encoders run as large GEMMs.
-VAE_EFFICIENCY_SCALE = 0.5
 
 
 @dataclass
@@ -50,11 +46,8 @@ class SimResult:
     vae_decode_s: float
     flops: Flops = field(default_factory=Flops)  # one step of the whole transformer, whole batch
     trace: list[dict[str, Any]] | None = None
-
-    @property
-    def end_to_end_s(self) -> float:
-        """Text encoding + denoising loop + VAE decode."""
-        return self.text_encode_s + self.latency_s + self.vae_decode_s
+    end_to_end_s: float = 0.0  # text encoding + loop + VAE decode + the transfers between them
+    stages: dict[str, float] = field(default_factory=dict)  # pipeline_stages.StagePrices.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of `ditplan simulate`."""
@@ -67,16 +60,8 @@ class SimResult:
             "breakdown": {**self.breakdown, **{f"{key}_per_step": value for key, value in self.flops.as_dict().items()}},
             "flops_per_step": self.flops.total, "end_to_end_s": self.end_to_end_s,
             "comm_by_tier": dict(self.comm_by_tier), "memory": dict(self.memory),
-            "text_encode_s": self.text_encode_s, "vae_decode_s": self.vae_decode_s,
+            "text_encode_s": self.text_encode_s, "vae_decode_s": self.vae_decode_s, "stages": dict(self.stages),
         }
-
-
-def _encode_decode_seconds(st: Setup) -> tuple[float, float]:
-    model, hw = st.model, st.cluster.hardware
-    prompts = 2 if model.uses_cfg else 1  # the negative prompt is encoded too
-    text_flops = sum(2.0 * encoder.params * model.text_tokens * prompts for encoder in model.encoders)
-    vae_flops = st.height * st.width * st.frames * model.vae_decode_flops_per_pixel
-    return compute.dense_seconds(hw, text_flops), compute.dense_seconds(hw, vae_flops, VAE_EFFICIENCY_SCALE)
 
 
 def _non_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
@@ -101,20 +86,25 @@ def _non_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
 
 def _result(st: Setup, core: dict[str, Any], trace: list | None) -> SimResult:
     memory = memory_gib(st, core["stages"])
+    stages = price_stages(st.model, st.cluster, st.config, st.placement, st.height, st.width, st.frames)
+    # The decode runs after the loop: its activations add only what exceeds the loop's.
+    memory["decode_extra_gib"] = max(0.0, stages.decode_activations_gib - memory["activations_gib"] - memory["kv_buffers_gib"])
     total = sum(memory.values())
     capacity = st.cluster.hardware.memory_gib
     feasible = total <= capacity
     reason = ""
     if not feasible:
         parts = ", ".join(f"{key[:-4].replace('_', ' ')} {value:.1f}" for key, value in memory.items())
-        reason = (f"needs {total:.1f} GiB per GPU ({parts}) but a {st.cluster.hardware.name} has {capacity:.1f} GiB")
-    text_s, vae_s = _encode_decode_seconds(st)
+        reason = (f"needs {total:.1f} GiB per GPU ({parts}) but a {st.cluster.hardware.name} has {capacity:.1f} GiB"
+                  + memory_note(memory, capacity))
     return SimResult(
         model=st.model.id, cluster=st.cluster.id, gpus=st.cluster.gpus, config=str(st.config),
         placement=list(st.placement.order), height=st.height, width=st.width, frames=st.frames, steps=st.steps,
         latency_s=core["latency"], per_step_s=core["per_step"], memory_gib=total, memory_capacity_gib=capacity,
         feasible=feasible, reason=reason, breakdown=core["breakdown"], comm_by_tier=core["tiers"], memory=memory,
-        text_encode_s=text_s, vae_decode_s=vae_s, flops=step_flops(st.model, st.height, st.width, st.frames), trace=trace,
+        text_encode_s=stages.text_encode_s, vae_decode_s=stages.vae_decode_s,
+        flops=step_flops(st.model, st.height, st.width, st.frames), trace=trace,
+        end_to_end_s=stages.end_to_end_s(core["latency"]), stages=stages.to_dict(),
     )
 
 

@@ -2,8 +2,8 @@
 
 The public rows (profiles/validation/public.csv) time the
 denoising loop (PipeFusion paper: the transformer only) or the whole generation (xDiT's docs tables:
-end to end); the prediction compared is the matching one: `latency_s`, or `latency_s` plus text
-encoding and VAE decoding. pandas is imported here only, lazily, so the CLI stays light.
+end to end); the prediction compared is the matching one: `latency_s`, or `end_to_end_s` (text
+encoding, loop, VAE decode and the transfers between them). pandas is imported here only, lazily, so the CLI stays light.
 """
 from __future__ import annotations
 

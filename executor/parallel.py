@@ -23,6 +23,8 @@ from executor.groups import ExecutorGroups, build_groups, init_distributed, laun
 from executor.loop import denoise
 from executor.pipefusion import prepare_stage, runs_patches, size_problems, stage_count_problems
 from executor.sp import enable_sequence_parallel
+from executor.vae import build_decode_group, decode_problems
+from executor.vae import decode as decode_in_strips
 
 # diffusers pipeline class -> the ditplan model id of its usual checkpoint (for plan="auto").
 _DEFAULT_MODEL_IDS = {
@@ -126,6 +128,7 @@ class ParallelPipeline:
             # Drop the other stages' blocks now, before the first call (a no-op for a transformer
             # loaded as this stage alone).
             prepare_stage(pipe.transformer, self.adapter.family, groups.coordinate("pipefusion"), config.pipefusion)
+        self._decode_group = build_decode_group(config, placement, self.rank)
 
     def layout(self) -> str:
         """The rank layout (coordinates and groups per axis), printable."""
@@ -171,6 +174,7 @@ class ParallelPipeline:
             problems.append(f"cfg=2 but guidance_scale={job.guidance_scale} turns classifier-free guidance off")
         if runs_patches(self.config):
             problems.extend(size_problems(job, self.adapter, self.config))
+        problems.extend(decode_problems(self.config, self.adapter, job))
         _refuse(self.config, problems)
         self.last_sizes = {"height": job.height, "width": job.width, "frames": job.num_frames,
                            "steps": job.num_steps, "guidance_scale": job.guidance_scale}
@@ -198,7 +202,9 @@ class ParallelPipeline:
         decode_started = now(self.device)
         leader = self.groups.replica_leader
         result = None
-        if share and leader and latents is not None:
+        if share and self._decode_group is not None:
+            result = decode_in_strips(self.adapter, local, latents, output_type, self._decode_group)
+        elif share and leader and latents is not None:
             result = self.adapter.decode(local, latents, output_type)
         timings.decode_s = seconds_since(decode_started, self.device)
 

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import costmodel
-from costmodel.config import ParallelConfig, Placement
+from costmodel.config import AXES, ParallelConfig, Placement
 from costmodel.errors import DitplanError
+from costmodel.pipeline_stages import choose_vae
+from costmodel.memory import RUNTIME_OVERHEAD_GIB
 from costmodel.rules import check_generation
 from planner.explain import Comparison, compare, describe_plan, warmup_note
 from planner.plan import Plan
@@ -59,6 +61,12 @@ class RankedPlan:
     per_step_s: float | None = None
     comm_by_tier: dict[str, float] = field(default_factory=dict)
     scored_by: str = "simulator"
+    end_to_end_s: float | None = None  # text encoding + loop + VAE decode + transfers (None: not priced)
+
+    @property
+    def ranked_s(self) -> float:
+        """What the ranking orders by: the whole generation where priced, else the loop."""
+        return self.latency_s if self.end_to_end_s is None else self.end_to_end_s
 
     @property
     def images(self) -> int:
@@ -77,7 +85,7 @@ class RankedPlan:
         return f"stale-kv(warmup={self.config.warmup})"
 
     def sort_key(self) -> tuple:
-        return (self.scored_by != "simulator", self.latency_s, self.gpus, self.memory_gib,
+        return (self.scored_by != "simulator", self.ranked_s, self.latency_s, self.gpus, self.memory_gib,
                 simplicity(self.config, self.placement))
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +94,7 @@ class RankedPlan:
             "config": str(self.config),
             "placement": list(self.placement.order),
             "latency_s": self.latency_s,
+            "end_to_end_s": self.end_to_end_s,
             "memory_gib": self.memory_gib,
             "per_step_s": self.per_step_s,
             "breakdown": dict(self.breakdown),
@@ -228,7 +237,8 @@ class SearchResult:
                 "comparisons": [c.to_dict() for c in self.comparisons()],
             }
             payload["best_per_count"] = [
-                {"gpus": n, "config": str(p.config), "placement": list(p.placement.order), "latency_s": p.latency_s}
+                {"gpus": n, "config": str(p.config), "placement": list(p.placement.order), "latency_s": p.latency_s,
+                 "end_to_end_s": p.end_to_end_s}
                 for n, p in self.best_per_count.items()
             ]
         return payload
@@ -240,8 +250,8 @@ class SearchResult:
             model=self.model, height=self.height, width=self.width, frames=self.frames, steps=self.steps,
             cluster=self.cluster, gpus=chosen.gpus, config=chosen.config, placement=chosen.placement,
             predicted={
-                "latency_s": chosen.latency_s, "memory_gib": chosen.memory_gib, "per_step_s": chosen.per_step_s,
-                "breakdown": dict(chosen.breakdown), "comm_by_tier": dict(chosen.comm_by_tier),
+                "latency_s": chosen.latency_s, "end_to_end_s": chosen.end_to_end_s, "memory_gib": chosen.memory_gib,
+                "per_step_s": chosen.per_step_s, "breakdown": dict(chosen.breakdown), "comm_by_tier": dict(chosen.comm_by_tier),
                 "speedup": self.speedup(chosen), "fidelity": chosen.fidelity, "scored_by": chosen.scored_by,
             },
             explanation=self.explanation() if chosen is self.best else [], nodes=self.nodes,
@@ -256,6 +266,7 @@ class SearchResult:
             rows.append({
                 "rank": index + 1, "gpus": plan.gpus, "config": str(plan.config),
                 "placement": ",".join(plan.placement.order), "latency_s": plan.latency_s,
+                "end_to_end_s": plan.end_to_end_s,
                 "memory_gib": plan.memory_gib, "speedup": self.speedup(plan),
                 "efficiency": self.efficiency(plan), "gpu_seconds_per_image": plan.gpu_seconds_per_image,
                 "fidelity": plan.fidelity, "scored_by": plan.scored_by,
@@ -327,7 +338,7 @@ def _from_result(gpus: int, config: ParallelConfig, placement: Placement, result
         memory_gib=float(result.memory_gib), breakdown={k: float(v) for k, v in result.breakdown.items()},
         per_step_s=None if result.per_step_s is None else float(result.per_step_s),
         comm_by_tier={k: float(v) for k, v in (result.comm_by_tier or {}).items()},
-        scored_by=scored_by,
+        scored_by=scored_by, end_to_end_s=float(result.end_to_end_s),
     )
 
 
@@ -337,6 +348,25 @@ class _Scorer:
     def __init__(self, model: Any, cluster: Any, height: int, width: int, frames: int, steps: int) -> None:
         self.model, self.cluster = model, cluster
         self.shape = dict(height=height, width=width, frames=frames, steps=steps)
+        self.spec = spec = costmodel.load_model(model)
+        # What stays allocated on a decode rank besides the decoder's activations: at most the whole
+        # pipeline's weights and the runtime.
+        weights_gib = (spec.params + spec.encoder_params + spec.vae_params) * spec.dtype_bytes / 2**30
+        self.decode_memory_gib = cluster.hardware.memory_gib - RUNTIME_OVERHEAD_GIB - weights_gib
+        self.vae_choices: dict[tuple, int] = {}
+
+    def with_vae(self, config: ParallelConfig, placement: Placement) -> tuple[ParallelConfig, Placement]:
+        """The candidate with the VAE decode rank count the cost model prefers for it."""
+        # The choice depends on the degrees and the placement only (not on patches or warmup).
+        key = (tuple(config.degree(axis) for axis in AXES), placement.order)
+        vae = self.vae_choices.get(key)
+        if vae is None:
+            vae = self.vae_choices[key] = choose_vae(self.spec, self.cluster, config, placement, self.shape["height"],
+                                                     self.shape["width"], self.shape["frames"], self.decode_memory_gib)
+        if vae == config.vae:
+            return config, placement
+        chosen = replace(config, vae=vae)
+        return chosen, Placement(chosen, placement.order)
 
     def simulate(self, config: ParallelConfig, placement: Placement) -> Any:
         return costmodel.simulate(self.model, self.cluster, config, placement=placement, **self.shape)
@@ -396,6 +426,7 @@ def _search_one_count(model: Any, cluster_ref: str, nodes: int | None, gpus: int
         for config, placement in items:
             if bar is not None:
                 bar.update(1)
+            config, placement = scorer.with_vae(config, placement)
             if str(config) in out_of_memory:
                 continue
             result = scorer.simulate(config, placement) if how == "simulator" else scorer.estimate(config, placement)

@@ -239,4 +239,6 @@ def short_config(config: ParallelConfig) -> str:
         parts.append(f"patches={config.patches}")
     if config.uses_patches:
         parts.append(f"warmup={config.warmup}")
+    if config.vae > 1:
+        parts.append(f"vae={config.vae}")
     return ",".join(parts) or "serial"

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(result, cluster) -> str:
+    stages = result.stages
     lines = [
         f"model      {result.model}  {result.width}x{result.height}"
         + (f"x{result.frames} frames" if result.frames > 1 else "") + f", {result.steps} steps",
@@ -71,11 +72,13 @@ def _table(result, cluster) -> str:
         f"config     {result.config}",
         f"placement  {','.join(result.placement)} (innermost first)",
         "",
+        f"end to end {result.end_to_end_s:.3f} s  (text encoding {result.text_encode_s:.3f} s, denoising loop "
+        f"{result.latency_s:.3f} s, VAE decode {result.vae_decode_s:.3f} s on {stages['vae']} GPU(s), transfers "
+        f"{stages['latent_transfer_s'] + stages['image_gather_s']:.3f} s)",
         f"latency    {result.latency_s:.3f} s  (denoising loop; {result.per_step_s * 1e3:.1f} ms per step"
         + (" after warmup)" if "warmup_s" in result.breakdown else ")"),
         f"memory     {result.memory_gib:.1f} GiB per GPU of {result.memory_capacity_gib:.1f} GiB",
         f"feasible   {'yes' if result.feasible else 'no: ' + result.reason}",
-        f"outside    text encoding {result.text_encode_s:.3f} s, VAE decode {result.vae_decode_s:.3f} s (not in latency)",
         "",
     ]
     rows = [(key.removesuffix("_s"), value, common.percent(value / result.latency_s if result.latency_s else 0.0))
