@@ -58,7 +58,7 @@ FAMILIES["hunyuan"] = ("tiny-hunyuan-dit", "tiny-hunyuan-dit-fidelity",
 SHORT_STEPS = 3  # the --compute-split run: past PipeFusion's warmup (<= 2 here), start-up cost the same
 SIZE = {"default_height": 512, "default_width": 512, "default_steps": 6}
 
-# (config, processes): the 1- and 2-process methods of MECHANICS.md, then 4-process hybrids.
+# (config, processes): every 1- and 2-process method, then 4-process hybrids.
 CONFIGS_1_2 = [
     ("cfg=1", 1),
     ("cfg=2", 2),

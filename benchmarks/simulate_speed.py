@@ -28,18 +28,18 @@ def rate(function, model, cluster_id, gpus, nodes, configs, shape, fresh: bool, 
     return done / (time.perf_counter() - start)
 
 
-MUST_SHOW = ["simulate", "--model", "flux-dev", "--height", "1024", "--width", "1024", "--steps", "28",
+FLUX_1024 = ["simulate", "--model", "flux-dev", "--height", "1024", "--width", "1024", "--steps", "28",
              "--cluster", "h100-sxm-nvlink-8", "--gpus", "4", "--config", "ulysses=4", "--format", "json"]
 
 
 def fresh_process_seconds() -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "planner", *MUST_SHOW], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "planner", *FLUX_1024], check=True, capture_output=True)
     return time.perf_counter() - start
 
 
 def main() -> None:
-    print(f"`ditplan {' '.join(MUST_SHOW)}` in a fresh process: {fresh_process_seconds():.2f} s wall")
+    print(f"`ditplan {' '.join(FLUX_1024)}` in a fresh process: {fresh_process_seconds():.2f} s wall")
     cases = [
         ("8 GPUs, pixart-alpha 1024px on l40-pcie-8", "pixart-alpha", "l40-pcie-8", 8, 1,
          ["cfg=2,pipefusion=4", "pipefusion=8", "ring=8", "ulysses=8", "cfg=2,ulysses=2,pipefusion=2,patches=4",

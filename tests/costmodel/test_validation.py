@@ -1,4 +1,4 @@
-"""`validation_table`: predictions against the published rows (the must-show bar)."""
+"""`validation_table`: predictions against the published rows (the error and ranking bars the cost model is held to)."""
 from __future__ import annotations
 
 import pytest

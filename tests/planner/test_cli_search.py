@@ -14,7 +14,7 @@ from costmodel.config import AXES, DEFAULT_PLACEMENT, ParallelConfig, Placement
 from planner.plan import Plan
 
 BIN = Path(sys.executable).parent
-MUST_SHOW = ["--model", "pixart-alpha", "--height", "2048", "--width", "2048", "--steps", "20",
+PIXART_2048 = ["--model", "pixart-alpha", "--height", "2048", "--width", "2048", "--steps", "20",
              "--cluster", "l40-pcie-8", "--gpus", "8", "--format", "json"]
 
 
@@ -23,8 +23,8 @@ def _run(program: str, *args: str, cwd: Path | None = None) -> subprocess.Comple
 
 
 @pytest.mark.timeout(300)
-def test_must_show_json_follows_design_and_every_plan_resimulates(tmp_path):
-    done = _run("ditplan", "search", *MUST_SHOW)
+def test_search_json_follows_the_interface_and_every_plan_resimulates(tmp_path):
+    done = _run("ditplan", "search", *PIXART_2048)
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
     plans, pruned = payload["plans"], payload["pruned"]

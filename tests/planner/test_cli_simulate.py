@@ -11,7 +11,7 @@ import pytest
 
 from planner.cli import main
 
-MUST_SHOW = ["simulate", "--model", "flux-dev", "--height", "1024", "--width", "1024", "--steps", "28",
+FLUX_1024 = ["simulate", "--model", "flux-dev", "--height", "1024", "--width", "1024", "--steps", "28",
              "--cluster", "h100-sxm-nvlink-8", "--gpus", "4", "--config", "ulysses=4", "--format", "json"]
 
 
@@ -22,9 +22,9 @@ def call(argv, capsys):
 
 
 @pytest.mark.timeout(60)
-def test_must_show_json_in_a_fresh_process():
+def test_simulate_json_in_a_fresh_process():
     # Its wall time (target: under 3 s) is measured by benchmarks/simulate_speed.py.
-    completed = subprocess.run([sys.executable, "-m", "planner", *MUST_SHOW], capture_output=True, text=True, timeout=50)
+    completed = subprocess.run([sys.executable, "-m", "planner", *FLUX_1024], capture_output=True, text=True, timeout=50)
     assert completed.returncode == 0, completed.stderr
     data = json.loads(completed.stdout)
     assert data["latency_s"] > 0 and data["memory_gib"] > 0 and data["feasible"] is True
