@@ -43,6 +43,20 @@ def shell_commands() -> list[str]:
     return commands
 
 
+def several_machine_commands() -> list[str]:
+    """The `ditplan` commands of the ```sh blocks (several machines): continuation lines joined, the
+    comments beside them dropped. They need several machines, so they are parsed, not run; the
+    two-namespace tests under tests/executor/multinode run the same flags for real."""
+    commands = []
+    for block in blocks("sh"):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("ditplan "):
+                commands.append(line)
+    return commands
+
+
 def test_the_readme_names_what_these_tests_run():
     commands = shell_commands()
     assert all(command.startswith("ditplan ") or command in NOT_RUN for command in commands), commands
@@ -85,3 +99,18 @@ def test_the_python_snippet_runs_on_every_rank(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "fox.png").is_file()
+
+
+def test_the_several_machine_commands_parse():
+    from executor.launch import build_parser as run_parser
+    from planner.cli import build_parser
+
+    commands = several_machine_commands()
+    assert {shlex.split(c)[1] for c in commands} >= {"run", "search", "profile"}, commands
+    for command in commands:
+        words = shlex.split(command)[1:]
+        if words[0] == "run":
+            args = run_parser().parse_args(words[1:])
+            assert args.nnodes == 2 and args.rdzv_endpoint, command
+        else:
+            build_parser(only=words[0]).parse_args(words)
