@@ -7,7 +7,7 @@ How a step is computed:
   both ranks, so their latents stay bit-identical;
 * sequence parallel: the SP helper's processors are already installed on the transformer (see
   executor.parallel); every rank of the SP group runs the same call and gets the full output;
-* PipeFusion (`executor.pipefusion.runs_patches`): this rank's share of the step's patches
+* PipeFusion (`ParallelConfig.pipelines`): this rank's share of the step's patches
   (`executor.pipefusion.step_program`);
 * data parallel: handled one level up (each replica runs this loop on its share of the prompts).
 """
@@ -20,7 +20,7 @@ import torch
 from costmodel.config import ParallelConfig
 from executor.families.base import DenoiseJob, FamilyAdapter
 from executor.groups import ExecutorGroups
-from executor.pipefusion import runs_patches, step_program
+from executor.pipefusion import step_program
 from executor.steps import StepProgram, gather_cfg_halves, run_steps
 
 
@@ -39,7 +39,7 @@ def denoise(
     """
     config = config or ParallelConfig()
     assert config.cfg == 1 or job.do_cfg, f"{config}: refused at the entrance (executor.parallel), cfg=2 without guidance"
-    if runs_patches(config):
+    if config.pipelines:
         program = step_program(job, adapter, adapter.transformer, groups, config)
     else:
         program = _batch_steps(job, adapter, config, groups)

@@ -21,7 +21,7 @@ from executor.device import local_device, now, seconds_since
 from executor.families import FamilyAdapter, GenerationRequest, adapter_for
 from executor.groups import ExecutorGroups, build_groups, init_distributed, launched_world_size
 from executor.loop import denoise
-from executor.pipefusion import prepare_stage, runs_patches, size_problems, stage_count_problems
+from executor.pipefusion import prepare_stage, size_problems, stage_count_problems
 from executor.sp import enable_sequence_parallel
 from executor.vae import build_decode_group, decode_problems
 from executor.vae import decode as decode_in_strips
@@ -122,7 +122,7 @@ class ParallelPipeline:
         self.last_timings = RunTimings()
         self.last_sizes: dict[str, Any] = {}
         self._sp_handle = None
-        if config.sp > 1 and not runs_patches(config):
+        if config.sp > 1 and not config.pipelines:
             self._sp_handle = _enable_sp(pipe.transformer, self.adapter.family, groups)
         if config.pipefusion > 1:
             # Drop the other stages' blocks now, before the first call (a no-op for a transformer
@@ -172,7 +172,7 @@ class ParallelPipeline:
                                   job.num_frames, job.num_steps)
         if self.config.cfg == 2 and not job.do_cfg:
             problems.append(f"cfg=2 but guidance_scale={job.guidance_scale} turns classifier-free guidance off")
-        if runs_patches(self.config):
+        if self.config.pipelines:
             problems.extend(size_problems(job, self.adapter, self.config))
         problems.extend(decode_problems(self.config, self.adapter, job))
         _refuse(self.config, problems)

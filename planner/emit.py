@@ -133,7 +133,7 @@ def diffusers(plan: Any) -> EngineSettings:
     """diffusers' context parallelism: Ulysses and Ring on the transformer; the rest in words."""
     config = plan.config
     notes = []
-    if config.pipefusion > 1 or config.uses_patches:
+    if config.pipelines:
         notes.append(f"PipeFusion (pipefusion={config.pipefusion}, patches={config.patches}, warmup={config.warmup}): "
                      "diffusers has no patch pipeline over stages")
     if config.cfg == 2:

@@ -1,7 +1,7 @@
 """PipeFusion: patch-level pipeline parallelism with stale K/V.
 
 `step_program(job, adapter, transformer, groups, config)` is how the executor's loop computes the
-steps of configurations with `pipefusion > 1` or `patches > 1` (`runs_patches`); see `pipeline` (the distributed patch
+steps of configurations with `pipefusion > 1` or `patches > 1` (`ParallelConfig.pipelines`); see `pipeline` (the distributed patch
 pipeline across steps), `sequential` (the one-process reference), `stages` (each family's
 transformer cut into pieces), `stale_kv`, `schedulers` (patch-by-patch steps), `hybrid` (with
 Ulysses/Ring inside the stages), `partition` and `loading` (a stage without the rest of the model).
@@ -27,7 +27,7 @@ from executor.pipefusion.sequential import denoise_sequential, sequential_steps
 from executor.pipefusion.stages import StagedTransformer, staged
 from executor.steps import StepProgram
 
-__all__ = ["step_program", "runs_patches", "prepare_stage", "size_problems", "stage_count_problems", "load_stage_transformer", "patch_job",
+__all__ = ["step_program", "prepare_stage", "size_problems", "stage_count_problems", "load_stage_transformer", "patch_job",
            "denoise_pipelined", "denoise_sequential", "staged"]
 
 _STAGE_ATTR = "_ditplan_pipefusion_stage"
@@ -107,11 +107,6 @@ def patch_job(job: Any, adapter: Any) -> PatchJob:
     )
 
 
-def runs_patches(config: ParallelConfig) -> bool:
-    """Whether `config` runs the patch loop of this package (a pipeline, or patches in one process)."""
-    return config.pipefusion > 1 or config.uses_patches
-
-
 def _stages_of(transformer: torch.nn.Module, family: str) -> StagedTransformer:
     """The stage view of `transformer`: the one it was cut with, else a fresh one (cuts nothing)."""
     prepared = getattr(transformer, _STAGE_ATTR, None)
@@ -134,7 +129,7 @@ def size_problems(job: Any, adapter: Any, config: ParallelConfig) -> list[str]:
     """Why `config`'s patches cannot cut this job's image (empty: they can), from the shapes alone,
     so every rank finds the same before any collective: at least one token row per patch, and
     every patch's tokens splitting evenly over the sequence-parallel ranks."""
-    if not runs_patches(config):
+    if not config.pipelines:
         return []
     stages = _stages_of(adapter.transformer, job.family)
     try:
