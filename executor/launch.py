@@ -17,53 +17,21 @@ then prints one line and exits 128 + the signal number; --out is left as it was.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
 from costmodel.files import check_output, check_output_folder
+from costmodel.interrupts import STOP_SIGNALS, Stopped, stop_on_signals
 
 PROG = "ditplan run"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SHUTDOWN_TIMEOUT_S = 3  # a worker that ignores the stop signal this long is killed
-
-
-class Stopped(BaseException):
-    """SIGINT or SIGTERM arrived: unwind (removing temporary files) and exit 128 + the signal.
-
-    A BaseException, like KeyboardInterrupt, so that no `except Exception` reports it as a failure.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-
-
-def _raise_stopped(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
-    raise Stopped(signum)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Stopped while the block runs (main thread only)."""
-    try:
-        previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import os
 import sys
 
 from costmodel.errors import DitplanError
+from costmodel.interrupts import Stopped
 
 # name -> one-line help; the module planner.commands.<name> implements it.
 COMMANDS: dict[str, str] = {
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ditplan {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Stopped as stop:
+        print(f"ditplan {args.command}: stopped by {stop.name}", file=sys.stderr)
+        return 128 + stop.signum
     except BrokenPipeError:
         # The reader (e.g. `| head`) closed the pipe: not an error of ours. Point stdout at devnull
         # so the interpreter's final flush does not raise again.

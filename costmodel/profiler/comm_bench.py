@@ -111,7 +111,7 @@ def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] | None = N
     """{pattern: [(bytes per rank, seconds), ...]} for `world` processes; `tick` is called
     `ROUNDS x len(PATTERNS) x len(sizes)` times as the measurement advances.
 
-    Ctrl-C or SIGTERM (turned into KeyboardInterrupt by the caller) stops every worker it started.
+    Ctrl-C, or SIGINT/SIGTERM turned into `Stopped` by the caller, stops every worker it started.
     """
     sizes = SIZES if sizes is None else sizes
     context = multiprocessing.get_context("spawn")

@@ -7,11 +7,9 @@ inline (this machine's "GPU" is one process with one thread, not a built-in GPU 
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -165,25 +163,6 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 
 
 _ProfileDumper.add_representer(list, _represent_list)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt while the block runs, so `kill` unwinds like Ctrl-C does
-    (workers stopped, temporary file removed) instead of dying mid-write."""
-
-    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def write_atomically(path: str | Path, profile: dict[str, Any], check=None) -> Path:

@@ -14,7 +14,8 @@ from typing import Callable
 from costmodel.errors import DitplanError
 from costmodel.measured import cpu_model, installed_torch_version, machine_fingerprint
 from costmodel.profiler import comm_bench, compute_bench, fit
-from costmodel.profiler.profile_file import build_profile, sigterm_as_interrupt, write_atomically
+from costmodel.interrupts import stop_on_signals
+from costmodel.profiler.profile_file import build_profile, write_atomically
 
 # The cost model's operator count for a PixArt block (costmodel.compute), which the host-cost
 # measurement divides a real diffusers PixArt block's time by.
@@ -129,7 +130,7 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
     total = (sum(len(series) for series in shapes) + 1
              + sum(comm_bench.ROUNDS * len(comm_bench.PATTERNS) * len(comm_bench.SIZES) for _ in counts))
     threads = torch.get_num_threads()
-    with sigterm_as_interrupt():
+    with stop_on_signals():
         bar = _progress(total, progress)
         try:
             torch.set_num_threads(1)
@@ -204,7 +205,7 @@ def profile_nodes(out: str | Path, nnodes: int, node_rank: int, endpoint: str,
 
     bar = _progress(comm_bench.ROUNDS * len(comm_bench.PATTERNS) * len(comm_bench.SIZES), progress)
     bar.set_description(f"link between {nnodes} nodes (gloo)")
-    with sigterm_as_interrupt():
+    with stop_on_signals():
         try:
             samples = link_bench.measure(node_rank, nnodes, endpoint, tick=bar.update)
         finally:
