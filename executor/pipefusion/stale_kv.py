@@ -168,7 +168,7 @@ class StaleKVProcessor:
                  index: slice | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the buffers from this call's K/V and return the K/V the kernel should use.
 
-        `text_position` and `index` default to the layer's and the state's (the ring hook passes
+        `text_position` and `index` default to the layer's and the state's (`ring_blocks` passes
         its own: its K/V hold no text, and its buffer rows are the rank's share of the image)."""
         text_position = self.text_position if text_position is None else text_position
         index = self.state.index if index is None else index
