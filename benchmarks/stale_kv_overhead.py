@@ -6,11 +6,13 @@ the processor makes passes through a Python handler. This times one self-attenti
 
     processor          the processor alone
     pass-through mode  the processor under a mode that only forwards each call (the interception cost)
-    stale KV, patch    the installed stale-KV wrapper on one patch of --patches (buffer update included)
+    stale KV, patch    the installed stale-KV wrapper on one patch of --patches: buffer update included,
+                       and its queries attend to the whole image's K/V, not the patch's only
 
 for a small layer (host overhead dominates) and a larger one (--tokens). It also prints how many
-torch calls the mode sees per layer call. Medians of --repeats timed calls after warm-up; other load
-on the machine shows in these figures.
+torch calls the mode sees per layer call, and what the mode adds to one cheap torch call (a tiny
+`add`, bare and under the pass-through mode), which times the interception alone. Medians of
+--repeats timed calls after warm-up; other load on the machine shows in these figures.
 
     .venv/bin/python benchmarks/stale_kv_overhead.py [--tokens 1024] [--heads 8] [--head-dim 64] [--repeats 200]
 """
@@ -82,6 +84,28 @@ def measure(tokens: int, heads: int, head_dim: int, patches: int, repeats: int) 
     return figures
 
 
+def interception_us(repeats: int, calls: int = 1000) -> float:
+    """Median extra microseconds the pass-through mode adds to one tiny torch call."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class Passing(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    one = torch.ones(4)
+
+    def bare() -> None:
+        for _ in range(calls):
+            torch.add(one, one)
+
+    def intercepted() -> None:
+        with Passing():
+            bare()
+
+    return (_median_us(intercepted, repeats // 10 + 3) - _median_us(bare, repeats // 10 + 3)) / calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1024, help="image tokens of the larger layer (the small one has 64)")
@@ -93,6 +117,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    print(f"pass-through mode, added per intercepted torch call: {interception_us(args.repeats):.2f} us")
     for tokens in (64, args.tokens):
         figures = measure(tokens, args.heads, args.head_dim, args.patches, args.repeats)
         print(f"{tokens} tokens, {args.heads} heads x {args.head_dim}, patch of {tokens // args.patches} tokens "
