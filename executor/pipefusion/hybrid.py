@@ -2,8 +2,9 @@
 an SP group of ulysses x ring ranks, with the SP helper's attention processors (executor.sp).
 
 Stale K/V stays exact because attention does not depend on the order of its keys:
-- Ulysses: the kernel hook fires at the attention call after the all-to-all, where K/V hold every
-  token of the patch for this rank's heads; the buffer covers the whole image for those heads.
+- Ulysses: the stale-KV layer, the SP processor's `KVSource`, is asked for the K/V of the local
+  attention call after the all-to-all, where K/V hold every token of the patch for this rank's
+  heads; the buffer covers the whole image for those heads.
   (After the all-to-all the SP code puts joint-attention text after the image tokens.)
 - Ring: the ring passes K/V blocks around; each ring rank's buffer covers its own 1/r of the image
   (its share of every patch) and is the block it sends around, so the queries meet every token's

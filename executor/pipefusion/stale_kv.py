@@ -6,34 +6,40 @@ step's for the rest). Warmup steps run the full image in "fill" mode, which writ
 Without warmup the first patch step starts from empty buffers: patch m attends to the rows of
 patches 0..m, the only ones computed so far.
 
-The substitution happens at the attention kernel call (torch's scaled_dot_product_attention, or
-diffusers' dispatch_attention_fn where a processor uses it), after each family's own projections,
-norms, rotary embeddings and (with sequence parallelism inside) all-to-all. Wrapping the kernel
-rather than re-writing six processors keeps this independent of their internals: our wrapper
-processor marks "this call is layer L" and the kernel hook, active only during that call, swaps
-the image part of K and V for the buffer. Joint attention (SD3, Flux, CogVideoX) keeps a second
+The substitution happens at the attention kernel call, after each family's own projections, norms,
+rotary embeddings and (with sequence parallelism inside) all-to-all, and nothing global is touched:
+each stale-KV layer's processor is replaced by a wrapper around it (`install_stale_kv`), and the
+wrapper reaches the kernel call of its own layer only.
+- diffusers' processors: the wrapper runs the inner processor under a torch function mode
+  (`_KernelKV`), a scope that lasts for that one call and sees the processor's call of
+  torch's scaled_dot_product_attention (directly, or through diffusers' dispatch_attention_fn with
+  its native backend); the mode swaps the image part of K and V for the buffer. A layer whose
+  processor reaches no such call (an attention backend outside torch) is refused, never run
+  fresh-only.
+- the sequence-parallel processors (executor.sp, PipeFusion x Ulysses/Ring): the wrapper's inner
+  processor is a copy bound to the wrapper as its `KVSource`, which sequence-parallel attention
+  asks for the K/V of its local kernel call, or of the ring's local block.
+Wrapping the kernel call rather than re-writing six processors keeps this independent of their
+internals. Joint attention (SD3, Flux, CogVideoX) keeps a second
 buffer for the text tokens: the text stream is split into M strips like the image (strip m travels
 with patch m, PatchLayout.text_slice), so a patch writes its text strip's rows and its image rows
 and attends to the whole text and image buffers; the text runs once per step in total.
 """
 from __future__ import annotations
 
-import contextvars
 import inspect
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from executor.pipefusion.layout import put_tokens
 
 Mode = Literal["off", "fill", "patch"]
 TextPosition = Literal["none", "first", "last"]
 
-_ORIGINAL_SDPA = F.scaled_dot_product_attention
-_active_layer: contextvars.ContextVar["StaleKVProcessor | None"] = contextvars.ContextVar("stale_kv_layer", default=None)
 
 
 @dataclass
@@ -117,45 +123,52 @@ class StaleKVProcessor:
     """Wraps one attention module's own processor; see the module docstring."""
 
     def __init__(self, inner: Any, state: StaleKVState, text_position: TextPosition) -> None:
-        self.inner = inner
         self.state = state
         self.text_position = text_position
         self.image = _RowBuffer()
         self.text = _RowBuffer()  # used by joint-attention layers only
-        self._inner_module = sys.modules[type(inner).__module__]
+        # A sequence-parallel processor asks its KV source itself; diffusers' are reached by a mode.
+        self.asks_kv_source = hasattr(inner, "with_kv_source")
+        self.inner = inner.with_kv_source(self) if self.asks_kv_source else inner
 
     def buffer_bytes(self) -> int:
         return self.image.bytes() + self.text.bytes()
 
     def _call(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.state.mode == "off" or self.asks_kv_source:
+            return self.inner(attn, *args, **kwargs)
+        kernel = _KernelKV(self)
+        with kernel:
+            out = self.inner(attn, *args, **kwargs)
+        if kernel.calls == 0:
+            raise RuntimeError(
+                f"stale KV: {type(self.inner).__name__} made no call of torch's scaled_dot_product_attention, so its "
+                "K/V could not be swapped for the buffers; run diffusers' attention with its native backend."
+            )
+        return out
+
+    def local(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KVSource: the K/V [batch, heads, tokens, head_dim] of sequence-parallel attention's local kernel call."""
         if self.state.mode == "off":
-            return self.inner(attn, *args, **kwargs)
-        dispatch_owner = self._inner_module if hasattr(self._inner_module, "dispatch_attention_fn") else None
-        original_dispatch = dispatch_owner.dispatch_attention_fn if dispatch_owner else None
-        # The sequence-parallel processors' ring attention takes this rank's K/V block as arguments.
-        ring_owner = sys.modules.get("executor.sp.attention") if self._inner_module.__name__ == "executor.sp.processors" else None
-        original_ring = ring_owner.ring_attention if ring_owner else None
-        F.scaled_dot_product_attention = _stale_sdpa
-        if dispatch_owner:
-            dispatch_owner.dispatch_attention_fn = _make_stale_dispatch(original_dispatch)
-        if ring_owner:
-            ring_owner.ring_attention = _make_stale_ring(original_ring)
-        token = _active_layer.set(self)
-        try:
-            return self.inner(attn, *args, **kwargs)
-        finally:
-            _active_layer.reset(token)
-            F.scaled_dot_product_attention = _ORIGINAL_SDPA
-            if dispatch_owner:
-                dispatch_owner.dispatch_attention_fn = original_dispatch
-            if ring_owner:
-                ring_owner.ring_attention = original_ring
+            return key, value
+        return self.exchange(key, value, seq_dim=-2)
+
+    def ring_blocks(self, key: torch.Tensor, value: torch.Tensor, text_key: torch.Tensor | None,
+                    text_value: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """KVSource: ring attention's image block is this rank's buffer share; its text K/V (every ring
+        rank holds the same text strip) is the whole text buffer, attended once locally as before."""
+        if self.state.mode == "off":
+            return key, value, text_key, text_value
+        key, value = self.exchange(key, value, seq_dim=-2, text_position="none", index=self.state.ring_index)
+        if text_key is not None and text_value is not None:
+            text_key, text_value = self.exchange_text(text_key, text_value, seq_dim=-2)
+        return key, value, text_key, text_value
 
     def exchange(self, key: torch.Tensor, value: torch.Tensor, seq_dim: int, text_position: TextPosition | None = None,
                  index: slice | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the buffers from this call's K/V and return the K/V the kernel should use.
 
-        `text_position` and `index` default to the layer's and the state's (the ring hook passes
+        `text_position` and `index` default to the layer's and the state's (`ring_blocks` passes
         its own: its K/V hold no text, and its buffer rows are the rank's share of the image)."""
         text_position = self.text_position if text_position is None else text_position
         index = self.state.index if index is None else index
@@ -185,53 +198,32 @@ class StaleKVProcessor:
         return self.text.refresh(key, value, rows, self.state.text_buffer_tokens, seq_dim)
 
 
-def _stale_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    layer = _active_layer.get()
-    token = _active_layer.set(None)  # a kernel that calls sdpa inside must not swap twice
-    try:
-        if layer is not None:
-            key, value = layer.exchange(key, value, seq_dim=-2)  # [batch, heads, tokens, head_dim]
-        return _ORIGINAL_SDPA(query, key, value, *args, **kwargs)
-    finally:
-        _active_layer.reset(token)
+class _KernelKV(TorchFunctionMode):
+    """For the length of one layer's processor call: its scaled_dot_product_attention calls attend
+    to the layer's buffered K/V. Torch functions called from here on are not seen again (torch
+    leaves the mode while its handler runs), so the buffer updates go straight through."""
+
+    def __init__(self, layer: StaleKVProcessor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = _SDPA_SIGNATURE.bind(*args, **kwargs)
+        given = call.arguments
+        # [batch, heads, tokens, head_dim]; diffusers' native dispatch has put the heads first by now.
+        given["key"], given["value"] = self.layer.exchange(given["key"], given["value"], seq_dim=-2)
+        self.calls += 1
+        return func(*call.args, **call.kwargs)
 
 
-def _make_stale_dispatch(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def stale_dispatch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        layer = _active_layer.get()
-        token = _active_layer.set(None)
-        try:
-            if layer is not None:
-                key, value = layer.exchange(key, value, seq_dim=1)  # [batch, tokens, heads, head_dim]
-            return original(query, key, value, *args, **kwargs)
-        finally:
-            _active_layer.reset(token)
-
-    return stale_dispatch
-
-
-def _make_stale_ring(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Ring attention's image K/V block is this rank's buffer share; its text K/V (every ring rank
-    holds the same text strip) is the whole text buffer, attended once locally as before."""
-    signature = inspect.signature(original)
-
-    def stale_ring(*args: Any, **kwargs: Any) -> Any:
-        layer = _active_layer.get()
-        token = _active_layer.set(None)
-        try:
-            if layer is None:
-                return original(*args, **kwargs)
-            call = signature.bind(*args, **kwargs)
-            given = call.arguments
-            given["key"], given["value"] = layer.exchange(given["key"], given["value"], seq_dim=-2, text_position="none",
-                                                          index=layer.state.ring_index)
-            if given.get("text_key") is not None:
-                given["text_key"], given["text_value"] = layer.exchange_text(given["text_key"], given["text_value"], seq_dim=-2)
-            return original(*call.args, **call.kwargs)
-        finally:
-            _active_layer.reset(token)
-
-    return stale_ring
+_SDPA_SIGNATURE = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                     for name in ("query", "key", "value")]
+                                    + [inspect.Parameter("rest", inspect.Parameter.VAR_POSITIONAL),
+                                       inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD)])
 
 
 _wrapper_classes: dict[type, type] = {}

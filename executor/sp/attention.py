@@ -18,6 +18,7 @@ log-sum-exp l_i of the scaled scores, l = log sum exp(l_i) and o = sum exp(l_i -
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,20 @@ def ring_attention(
     return image_out, text_out
 
 
+class KVSource(Protocol):
+    """Replaces the K/V that attention is about to use (PipeFusion's stale-KV buffers,
+    executor/pipefusion/stale_kv.py); tensors are [B, H, tokens, D]."""
+
+    def local(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the one local kernel call: the group's image tokens, then the text tokens if any."""
+        ...
+
+    def ring_blocks(self, key: torch.Tensor, value: torch.Tensor, text_key: torch.Tensor | None,
+                    text_value: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's image K/V block that the ring passes around, and the text K/V attended locally."""
+        ...
+
+
 def sequence_parallel_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -170,6 +185,7 @@ def sequence_parallel_attention(
     text_query: torch.Tensor | None = None,
     text_key: torch.Tensor | None = None,
     text_value: torch.Tensor | None = None,
+    kv_source: KVSource | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """USP attention over the whole sequence from this rank's share of it (Ulysses u x Ring r).
 
@@ -177,6 +193,7 @@ def sequence_parallel_attention(
     text_*: [B, H, T, D], the joint-attention text tokens (every rank holds them whole), or None.
     Returns (image output [B, H, S/(u*r), D], text output [B, H, T, D] or None), equal to full
     attention over image+text tokens restricted to my image tokens (and to all text tokens).
+    kv_source: where given, replaces the K/V the kernel attends to, after the all-to-all.
     """
     has_text = text_query is not None
     if has_text and (text_key is None or text_value is None):
@@ -191,17 +208,19 @@ def sequence_parallel_attention(
         text_value = local_heads(text_value, ulysses_group)
 
     if group_size(ring_group) > 1:
+        if kv_source is not None:
+            key, value, text_key, text_value = kv_source.ring_blocks(key, value, text_key, text_value)
         out, text_out = ring_attention(query, key, value, ring_group, text_query, text_key, text_value)
     elif has_text:
-        # One fused call over image+text: the image tokens of the group are all here now. This call
-        # goes through `F.scaled_dot_product_attention` looked up at call time, with the text after
-        # the image tokens: PipeFusion's stale-KV buffers (executor/pipefusion/stale_kv.py) wrap that
-        # function to swap in the buffered K/V, and rely on both.
-        joint = F.scaled_dot_product_attention(
-            torch.cat([query, text_query], dim=2), torch.cat([key, text_key], dim=2), torch.cat([value, text_value], dim=2)
-        )
+        # One fused call over image+text: the image tokens of the group are all here now, the text after them.
+        joint_key, joint_value = torch.cat([key, text_key], dim=2), torch.cat([value, text_value], dim=2)
+        if kv_source is not None:
+            joint_key, joint_value = kv_source.local(joint_key, joint_value)
+        joint = F.scaled_dot_product_attention(torch.cat([query, text_query], dim=2), joint_key, joint_value)
         out, text_out = joint[:, :, : query.shape[2]], joint[:, :, query.shape[2] :]
     else:
+        if kv_source is not None:
+            key, value = kv_source.local(key, value)
         out, text_out = F.scaled_dot_product_attention(query, key, value), None
 
     out = ulysses_gather_heads(out, ulysses_group)

@@ -21,7 +21,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch.distributed import ProcessGroup
 
 from costmodel.errors import DitplanError
-from executor.sp.attention import sequence_parallel_attention
+from executor.sp.attention import KVSource, sequence_parallel_attention
 from executor.sp.comm import group_rank, group_size
 
 
@@ -119,8 +119,13 @@ def _refuse_mask(attention_mask: torch.Tensor | None, layer: str) -> None:
 
 
 class _SequenceParallelProcessor:
-    def __init__(self, shard: SequenceShard) -> None:
+    def __init__(self, shard: SequenceShard, kv_source: KVSource | None = None) -> None:
         self.shard = shard
+        self.kv_source = kv_source
+
+    def with_kv_source(self, kv_source: KVSource) -> "_SequenceParallelProcessor":
+        """This processor for one layer whose attention takes its K/V from `kv_source` (stale KV)."""
+        return type(self)(self.shard, kv_source)
 
     def _attend(
         self,
@@ -132,7 +137,8 @@ class _SequenceParallelProcessor:
         text_value: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return sequence_parallel_attention(
-            query, key, value, self.shard.ulysses_group, self.shard.ring_group, text_query, text_key, text_value
+            query, key, value, self.shard.ulysses_group, self.shard.ring_group, text_query, text_key, text_value,
+            self.kv_source,
         )
 
 

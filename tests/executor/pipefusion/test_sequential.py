@@ -49,3 +49,32 @@ def test_quality_with_stale_kv_is_reported_and_improves_with_warmup() -> None:
     for family, errors in rows:
         print(f"{family:<11}" + "".join(f"{e:<14.2e}" for e in errors))
 
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stale_kv_leaves_torch_attention_function_in_place(family: str) -> None:
+    """Stale KV acts on its own layers only: throughout warmup and patch steps, every module of the
+    transformer (the attention layers' projections run inside their processors' calls) finds
+    torch's scaled_dot_product_attention to be the original function, never a replacement."""
+    original = torch.nn.functional.scaled_dot_product_attention
+    model, latents, kwargs = build(family)
+    stages = staged(model, family)
+    seen: list[bool] = []
+    inside_attention = {id(sub) for module, _ in stages.stale_layers(range(stages.unit_count())) for sub in module.modules()
+                        if sub is not module}
+    inside_seen: list[bool] = []
+
+    def check(module: torch.nn.Module, args: tuple) -> None:
+        same = torch.nn.functional.scaled_dot_product_attention is original
+        seen.append(same)
+        if id(module) in inside_attention:
+            inside_seen.append(same)
+
+    hooks = [module.register_forward_pre_hook(check) for module in model.modules()]
+    try:
+        denoise_sequential(make_job(family, model, latents, kwargs, steps=2), stages, patches=2, warmup=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert inside_seen, f"{family}: no module ran inside a stale-KV layer's processor; the check saw nothing"
+    assert all(seen), f"{family}: scaled_dot_product_attention was replaced in {seen.count(False)} of {len(seen)} module calls"

@@ -94,3 +94,58 @@ def test_each_stage_keeps_about_its_share_of_the_blocks(family: str, degree: int
         kept_blocks = parameter_count(model) - shared - extras
         assert abs(kept_blocks - whole_blocks / degree) <= 0.10 * whole_blocks / degree, (family, degree, stage, kept_blocks, whole_blocks)
         assert parameter_count(model) <= whole_blocks / degree * 1.10 + shared + extras
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stale_kv_through_the_sequence_parallel_processors(family: str) -> None:
+    """The PipeFusion x SP path in one process (ulysses = ring = 1): stale KV reaches the SP
+    processors' attention as their KV source, not through torch's attention function. Buffers
+    filled from the same input reproduce the full image's strips; poisoned buffers change them; and
+    torch's scaled_dot_product_attention stays the original function inside every layer."""
+    from executor.pipefusion.hybrid import SequenceInStage
+
+    original = torch.nn.functional.scaled_dot_product_attention
+    model, latents, kwargs = build(family)
+    t = model_timestep(family, 500.0, latents.shape[0])
+    stages = staged(model, family)
+    layout = stages.layout(latents, kwargs, 4)
+    units = range(stages.unit_count())
+    sequence = SequenceInStage(stages, units, layout, None, None)
+    state = StaleKVState()
+    layers = [(module, sequence.text_position(position)) for module, position in stages.stale_layers(units)]
+    handle = install_stale_kv(layers, state)
+    in_place: list[bool] = []
+    hooks = [sub.register_forward_pre_hook(lambda *_: in_place.append(torch.nn.functional.scaled_dot_product_attention is original))
+             for module, _ in layers for sub in module.modules() if sub is not module]
+    try:
+        with torch.no_grad():
+            cond = stages.condition(latents, t, kwargs)
+            text_tokens = stages.text_tokens(cond)
+            state.mode, state.text_tokens = "fill", text_tokens
+            sequence.share(None, text_tokens)
+            full = stages.forward(latents, t, kwargs, layout)
+            state.mode = "patch"
+            image = stages.embed(latents, cond)
+
+            def run_patch(m: int) -> torch.Tensor:
+                state.index, state.text_index = layout.token_index(m), layout.text_slice(m, text_tokens)
+                state.text_tokens = state.text_index.stop - state.text_index.start
+                mine = sequence.share(m, state.text_tokens)
+                carry = stages.select(image, mine, state.text_index)
+                for unit in units:
+                    carry = stages.run_unit(unit, carry, cond, mine, state.text_index)
+                return stages.head(carry, cond, layout, m)
+
+            for m in range(layout.patches):
+                torch.testing.assert_close(run_patch(m), layout.take_latent(full, m), rtol=1e-5, atol=1e-5)
+            for processor in state.processors:
+                for buffer in (processor.image.key, processor.image.value, processor.text.key, processor.text.value):
+                    if buffer is not None:
+                        buffer.mul_(3.0)
+            assert (run_patch(0) - layout.take_latent(full, 0)).abs().max() > 1e-3
+    finally:
+        for hook in hooks:
+            hook.remove()
+        handle.remove()
+        sequence.remove()
+    assert in_place and all(in_place)
