@@ -29,6 +29,9 @@ COGVIDEOX = dict(attention_head_dim=64, in_channels=16, out_channels=16, time_em
                  max_text_seq_length=226)
 FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+           cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_14B = {**WAN, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
 PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {
     "pixart-alpha": ("PixArtTransformer2DModel", {**PIXART, "use_additional_conditions": True}),
     "pixart-sigma": ("PixArtTransformer2DModel", {**PIXART, "use_additional_conditions": False}),
@@ -52,11 +55,40 @@ PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {
                                               caption_channels=4096, video_length=16, activation_fn="gelu-approximate",
                                               norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
                                               num_embeds_ada_norm=1000, attention_bias=True)),
+    "wan2.1-t2v-1.3b": ("WanTransformer3DModel", {**WAN, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}),
+    "wan2.1-t2v-14b": ("WanTransformer3DModel", WAN_14B),
+    "wan2.2-t2v-a14b": ("WanTransformer3DModel", WAN_14B),  # each of its two experts
+    "hunyuan-video": ("HunyuanVideoTransformer3DModel", dict(
+        in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+        num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+        guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+        rope_axes_dim=(16, 56, 56))),
+    "qwen-image": ("QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))),
+    "sana-1600m": ("SanaTransformer2DModel", dict(
+        in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+        num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+        mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=32, patch_size=1,
+        norm_elementwise_affine=False, norm_eps=1e-6)),
+    "sd3.5-large": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+        pos_embed_max_size=192, qk_norm="rms_norm")),
+    "cogvideox1.5-5b": ("CogVideoXTransformer3DModel", {
+        **COGVIDEOX, "num_attention_heads": 48, "num_layers": 42, "patch_size_t": 2, "sample_height": 300,
+        "sample_width": 300, "sample_frames": 81, "patch_bias": False, "use_rotary_positional_embeddings": True}),
 }
 # Two generations per model: (height, width, frames).
 SIZES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "cogvideox-2b": ((480, 720, 49), (480, 720, 25)),
     "cogvideox-5b": ((480, 720, 49), (480, 720, 25)),
+    "cogvideox1.5-5b": ((768, 1360, 81), (480, 720, 49)),
+    # Video at reduced sizes keeps the meta-device run short; the counts scale the same way.
+    "wan2.1-t2v-1.3b": ((480, 832, 81), (480, 832, 33)),
+    "wan2.1-t2v-14b": ((480, 832, 33), (480, 832, 17)),
+    "wan2.2-t2v-a14b": ((480, 832, 33), (320, 512, 33)),
+    "hunyuan-video": ((320, 512, 33), (320, 512, 61)),
     # Latte's temporal position embedding is fixed at its 16 training frames: two resolutions instead.
     "latte": ((512, 512, 16), (256, 384, 16)),
 }
@@ -89,11 +121,25 @@ def _inputs(model_id: str, batch: int, height: int, width: int, frames: int) -> 
                     encoder_hidden_states_t5=torch.empty(batch, 256, 2048), text_embedding_mask_t5=torch.ones(batch, 256),
                     image_rotary_emb=(torch.empty(tokens, 88), torch.empty(tokens, 88)))
     if family == "cogvideox":
-        latent_frames = spec.latent_frames(frames)
-        tokens = latent_frames * (h // 2) * (w // 2)
-        rotary = (torch.empty(tokens, 64), torch.empty(tokens, 64)) if model_id == "cogvideox-5b" else None
+        token_frames = spec.token_grid(height, width, frames)[0]
+        latent_frames = token_frames * spec.temporal_patch_size  # padded up to whole temporal patches
+        tokens = token_frames * (h // 2) * (w // 2)
+        rotary = (torch.empty(tokens, 64), torch.empty(tokens, 64)) if model_id != "cogvideox-2b" else None
         return dict(hidden_states=torch.empty(batch, latent_frames, 16, h, w), encoder_hidden_states=text, timestep=t,
                     image_rotary_emb=rotary)
+    if family == "wan":
+        return dict(hidden_states=torch.empty(batch, 16, spec.latent_frames(frames), h, w), timestep=t,
+                    encoder_hidden_states=text)
+    if family == "hunyuan-video":
+        return dict(hidden_states=torch.empty(batch, 16, spec.latent_frames(frames), h, w), timestep=t,
+                    encoder_hidden_states=text, encoder_attention_mask=torch.ones(batch, spec.text_tokens),
+                    pooled_projections=torch.empty(batch, 768), guidance=torch.empty(batch))
+    if family == "qwen-image":
+        return dict(hidden_states=torch.empty(batch, (h // 2) * (w // 2), 64), encoder_hidden_states=text, timestep=t,
+                    encoder_hidden_states_mask=torch.ones(batch, spec.text_tokens, dtype=torch.bool),
+                    img_shapes=[(1, h // 2, w // 2)] * batch)
+    if family == "sana":
+        return dict(hidden_states=torch.empty(batch, 32, h, w), encoder_hidden_states=text, timestep=t)
     assert family == "latte"
     return dict(hidden_states=torch.empty(batch, 4, frames, h, w), encoder_hidden_states=text, timestep=t)
 
