@@ -180,17 +180,15 @@ def block_flops(model: ModelSpec, work: BlockWork) -> Flops:
     return ops_flops(model, block_ops(model, work))
 
 
-@lru_cache(maxsize=1024)
-def step_flops(model: ModelSpec, height: int, width: int, frames: int) -> Flops:
-    """One denoising step of the whole transformer on one GPU: the whole batch (both CFG halves),
-    every block at full sequence length, plus the text's context projection into the blocks."""
+def per_block_flops(model: ModelSpec, height: int, width: int, frames: int) -> list[tuple[str, Flops]]:
+    """(kind, FLOPs) of every block in execution order for one step of the whole batch (both CFG halves)."""
     batch = 2 if model.uses_cfg else 1
     tframes, rows, cols = model.token_grid(height, width, frames)
     tokens = tframes * rows * cols
     per_frame = rows * cols
     text = model.text_tokens if model.text_joins_attention else 0
     half = model.num_blocks // 2
-    total = Flops()
+    blocks = []
     for index, kind in enumerate(model.block_sequence):
         if kind == "temporal":
             work = BlockWork(kind, batch, tokens, 0, tframes, tframes, 1.0, attn_groups=per_frame)
@@ -199,6 +197,17 @@ def step_flops(model: ModelSpec, height: int, width: int, frames: int) -> Flops:
         else:
             skip = model.skip_connections and index > half
             work = BlockWork(kind, batch, tokens, text, tokens + text, tokens + text, 1.0, skip)
-        total = total + block_flops(model, work)
+        blocks.append((kind, block_flops(model, work)))
+    return blocks
+
+
+@lru_cache(maxsize=1024)
+def step_flops(model: ModelSpec, height: int, width: int, frames: int) -> Flops:
+    """One denoising step of the whole transformer on one GPU: the whole batch (both CFG halves),
+    every block at full sequence length, plus the text's context projection into the blocks."""
+    batch = 2 if model.uses_cfg else 1
+    total = Flops()
+    for _, flops in per_block_flops(model, height, width, frames):
+        total = total + flops
     context = 2.0 * batch * model.text_tokens * model.text_hidden * model.hidden_size
     return total + Flops(linear=context, bytes=(model.text_hidden * model.hidden_size) * model.dtype_bytes)

@@ -1,7 +1,8 @@
-"""`ditplan models`: the built-in model catalogue."""
+"""`ditplan models`: the built-in model catalogue; `ditplan models import PATH` profiles a diffusers model."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from planner.commands import common
 
@@ -10,6 +11,15 @@ HELP = "list the built-in models"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_format_argument(parser)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    imported = actions.add_parser(
+        "import", help="write a model YAML from a diffusers model folder or transformer config.json",
+        description="Build the transformer of a diffusers model folder (model_index.json + transformer/config.json) "
+                    "or of a transformer config.json on the meta device, count its parameters, and write the model "
+                    "YAML that every command takes with --model PATH.")
+    imported.add_argument("path", metavar="PATH", help="diffusers model folder or transformer config.json")
+    imported.add_argument("--id", help="model id (default: the folder name, or imported-<family>)")
+    imported.add_argument("--out", metavar="MODEL.yaml", help="where to write (default: <id>.yaml here)")
 
 
 def _describe(spec) -> dict[str, object]:
@@ -44,8 +54,36 @@ def _count(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _import(args: argparse.Namespace) -> int:
+    from costmodel.flops import per_block_flops, step_flops
+    from costmodel.specs import load_model
+    from planner.model_import import import_model, write_yaml
+
+    data = import_model(args.path, args.id)
+    out = Path(args.out or f"{data['id']}.yaml")
+    write_yaml(data, out)
+    spec = load_model(str(out))  # what every command will read back, checked by the strict loader
+    total = step_flops(spec, spec.default_height, spec.default_width, spec.default_frames)
+    print(f"wrote {out}: {spec.family}, {_count(spec.params)} parameters"
+          f"{f' x {spec.experts} experts' if spec.experts > 1 else ''}, "
+          + " + ".join(f"{group.count} {group.kind}" for group in _merged(spec.blocks)) + " blocks")
+    print(f"one step at {spec.default_width}x{spec.default_height}"
+          f"{f'x{spec.default_frames}' if spec.default_frames > 1 else ''}: {total.total / 1e12:.1f} TFLOP "
+          f"(linear {total.linear / 1e12:.1f}, attention {total.attention / 1e12:.1f})")
+    kinds: dict[str, tuple[int, float, float]] = {}
+    for kind, flops in per_block_flops(spec, spec.default_height, spec.default_width, spec.default_frames):
+        count, linear, attention = kinds.get(kind, (0, 0.0, 0.0))
+        kinds[kind] = (count + 1, linear + flops.linear, attention + flops.attention)
+    for kind, (count, linear, attention) in kinds.items():
+        print(f"  per {kind} block: linear {linear / count / 1e12:.2f} TFLOP, attention {attention / count / 1e12:.2f} TFLOP")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from costmodel import list_models, load_model
+
+    if getattr(args, "action", None) == "import":
+        return _import(args)
 
     described = [_describe(load_model(name)) for name in list_models()]
     if args.format == "json":
