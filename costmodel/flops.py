@@ -146,6 +146,14 @@ def block_ops(model: ModelSpec, work: BlockWork) -> BlockOps:
         text_rows = B * model.text_tokens * max(1, work.attn_groups if model.has_temporal_blocks else 1)
         gemms.extend([(img, h, h), (img, h, h), (text_rows, model.cross_attention_dim, 2 * h)])
         other.append((float(B * model.num_heads), work.image_tokens, model.text_tokens))
+    face = model.face_attention
+    if face is not None and work.kind != "temporal":
+        # ConsisID's face cross-attention follows ceil(L / every) of the L blocks: spread evenly over
+        # the blocks (the FLOPs are exact, the split between stages is even).
+        share = -(-model.num_blocks // face.every) / model.num_blocks
+        gemms.extend([(round(img * share), h, face.inner_dim), (round(B * face.tokens * share), face.kv_dim, 2 * face.inner_dim),
+                      (round(img * share), face.inner_dim, h)])
+        other.append((B * face.inner_dim / model.head_dim * share, work.image_tokens, face.tokens))
     if work.skip_linear:
         gemms.append((img, 2 * h, h))
     passes = kernels_and_passes(model.family, work.kind)[1]  # per row; joint blocks count both streams' rows

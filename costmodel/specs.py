@@ -32,6 +32,17 @@ class BlockGroup:
 
 
 @dataclass(frozen=True)
+class FaceAttention:
+    """ConsisID: after every `every`-th block, the video tokens cross-attend to `tokens` face tokens of
+    width `kv_dim` through q/kv/out projections of width `inner_dim`."""
+
+    every: int
+    tokens: int
+    inner_dim: int
+    kv_dim: int
+
+
+@dataclass(frozen=True)
 class TextEncoder:
     name: str
     params: float
@@ -62,6 +73,7 @@ class ModelSpec:
     skip_connections: bool
     cross_attention_dim: int  # width of the text states the cross-attention's k/v read
     attention: str  # ATTENTION_KINDS
+    face_attention: "FaceAttention | None"
     experts: int  # transformers of the same shape taking turns over the steps (Wan 2.2 A14B: 2)
     expert_boundary_ratio: float  # the first expert runs while t >= this x the training timesteps
     blocks: tuple[BlockGroup, ...]
@@ -167,7 +179,7 @@ def _load_model_file(path_text: str) -> ModelSpec:
         data["transformer"], tw,
         ("params", "hidden_size", "num_heads", "head_dim", "mlp_ratio", "patch_size", "in_channels", "blocks"),
         ("num_kv_heads", "temporal_patch_size", "skip_connections", "cross_attention_dim", "repeat", "attention",
-         "experts", "expert_boundary_ratio", "notes"),
+         "experts", "expert_boundary_ratio", "face_attention", "notes"),
     )
     repeat = strict.integer(tr, "repeat", tw, default=1)
     groups = []
@@ -205,6 +217,11 @@ def _load_model_file(path_text: str) -> ModelSpec:
         raise DitplanError(f"{tw}.experts: {experts} is not supported; it must be 1 or 2 (high-noise then low-noise expert).")
     if experts == 2 and not 0.0 < boundary < 1.0:
         raise DitplanError(f"{tw}.expert_boundary_ratio: {boundary} must be between 0 and 1 (exclusive) for two experts.")
+    face = None
+    if "face_attention" in tr:
+        fw = f"{tw}.face_attention"
+        fa = strict.check_keys(tr["face_attention"], fw, ("every", "tokens", "inner_dim", "kv_dim"), ("notes",))
+        face = FaceAttention(*(strict.integer(fa, key, fw) for key in ("every", "tokens", "inner_dim", "kv_dim")))
     dtype_bytes = strict.integer(data, "dtype_bytes", w)
     if dtype_bytes not in (1, 2, 4):
         raise DitplanError(f"{w}.dtype_bytes: {dtype_bytes} is not allowed; it must be 1, 2 or 4.")
@@ -230,6 +247,7 @@ def _load_model_file(path_text: str) -> ModelSpec:
         skip_connections=strict.boolean(tr, "skip_connections", tw, default=False),
         cross_attention_dim=strict.integer(tr, "cross_attention_dim", tw, default=hidden),
         attention=strict.text(tr, "attention", tw, choices=ATTENTION_KINDS, default="softmax"),
+        face_attention=face,
         experts=experts,
         expert_boundary_ratio=boundary,
         blocks=blocks,

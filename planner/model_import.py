@@ -73,6 +73,15 @@ def _cogvideox(c: dict[str, Any]) -> dict[str, Any]:
                 blocks=[{"kind": "single", "count": c["num_layers"]}])
 
 
+def _consisid(c: dict[str, Any]) -> dict[str, Any]:
+    transformer = _cogvideox(c)
+    if c.get("is_train_face"):
+        transformer["face_attention"] = {"every": c["cross_attn_interval"], "tokens": c["LFE_num_querie"],
+                                         "inner_dim": c["cross_attn_num_heads"] * c["cross_attn_dim_head"],
+                                         "kv_dim": c["LFE_output_dim"]}
+    return transformer
+
+
 @dataclass(frozen=True)
 class Importer:
     family: str
@@ -88,6 +97,7 @@ IMPORTERS: dict[str, Importer] = {
     "SanaTransformer2DModel": Importer("sana", "sana-1600m", _sana),
     "SD3Transformer2DModel": Importer("sd3", "sd3.5-large", _sd3),
     "CogVideoXTransformer3DModel": Importer("cogvideox", "cogvideox1.5-5b", _cogvideox),
+    "ConsisIDTransformer3DModel": Importer("cogvideox", "consisid", _consisid),
     "FluxTransformer2DModel": Importer("flux", "flux-dev", _flux),
 }
 

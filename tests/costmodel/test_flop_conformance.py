@@ -39,6 +39,7 @@ SIZES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "cogvideox-2b": ((480, 720, 49), (480, 720, 25)),
     "cogvideox-5b": ((480, 720, 49), (480, 720, 25)),
     "cogvideox1.5-5b": ((768, 1360, 81), (480, 720, 49)),
+    "consisid": ((480, 720, 49), (480, 720, 25)),  # learned position embeddings fix the resolution
     # Video at reduced sizes keeps the meta-device run short; the counts scale the same way.
     "wan2.1-t2v-1.3b": ((480, 832, 33), (320, 512, 33)),
     "wan2.1-t2v-14b": ((480, 832, 33), (480, 832, 17)),
@@ -80,8 +81,11 @@ def _inputs(model_id: str, batch: int, height: int, width: int, frames: int) -> 
         latent_frames = token_frames * spec.temporal_patch_size  # padded up to whole temporal patches
         tokens = token_frames * (h // 2) * (w // 2)
         rotary = (torch.empty(tokens, 64), torch.empty(tokens, 64)) if model_id != "cogvideox-2b" else None
-        return dict(hidden_states=torch.empty(batch, latent_frames, 16, h, w), encoder_hidden_states=text, timestep=t,
-                    image_rotary_emb=rotary)
+        inputs = dict(hidden_states=torch.empty(batch, latent_frames, spec.in_channels, h, w), encoder_hidden_states=text,
+                      timestep=t, image_rotary_emb=rotary)
+        if spec.face_attention is not None:  # ConsisID: the face embedding and the face ViT's 5 hidden states
+            inputs.update(id_cond=torch.empty(batch, 1280), id_vit_hidden=[torch.empty(batch, 577, 1024)] * 5)
+        return inputs
     if family == "wan":
         return dict(hidden_states=torch.empty(batch, 16, spec.latent_frames(frames), h, w), timestep=t,
                     encoder_hidden_states=text)

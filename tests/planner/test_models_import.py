@@ -20,12 +20,12 @@ PUBLISHED_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "published"
 IMPORTABLE = sorted(path.name for path in PUBLISHED_DIR.iterdir() if path.is_dir()
                     and json.loads((path / "transformer" / "config.json").read_text())["_class_name"] in IMPORTERS)
 STRUCTURE = ("family", "hidden_size", "num_heads", "head_dim", "patch_size", "temporal_patch_size", "in_channels",
-             "attention", "experts", "expert_boundary_ratio", "blocks")
+             "attention", "experts", "expert_boundary_ratio", "face_attention", "blocks")
 
 
 def test_every_new_family_is_importable() -> None:
     assert {"wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "hunyuan-video", "qwen-image", "sana-1600m",
-            "sd3.5-large", "cogvideox1.5-5b"} <= set(IMPORTABLE)
+            "sd3.5-large", "cogvideox1.5-5b", "consisid"} <= set(IMPORTABLE)
 
 
 @pytest.mark.timeout(300)
