@@ -29,7 +29,8 @@ def _describe(spec) -> dict[str, object]:
         "hidden_size": spec.hidden_size, "heads": spec.num_heads, "head_dim": spec.head_dim,
         "patch_size": spec.patch_size, "text_tokens": spec.text_tokens,
         "text": "joint attention" if spec.text_joins_attention else "cross-attention",
-        "uses_cfg": spec.uses_cfg, "skip_connections": spec.skip_connections,
+        "uses_cfg": spec.uses_cfg, "skip_connections": spec.skip_connections, "attention": spec.attention,
+        "experts": spec.experts,
         "encoder_params": spec.encoder_params, "vae_params": spec.vae_params,
         "default_size": f"{spec.default_width}x{spec.default_height}" + (f"x{spec.default_frames}" if spec.default_frames > 1 else ""),
         "default_steps": spec.default_steps, "source": spec.source,
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         common.print_json(described)
         return 0
-    rows = [(d["id"], _count(d["params"]), d["blocks"], d["hidden_size"], f"{d['heads']}x{d['head_dim']}",
+    rows = [(d["id"], ("2x" if d["experts"] == 2 else "") + _count(d["params"]), d["blocks"], d["hidden_size"], f"{d['heads']}x{d['head_dim']}",
              f"{d['text_tokens']} {'joint' if d['text'] == 'joint attention' else 'cross'}",
              "yes" if d["uses_cfg"] else "no", d["default_size"], d["default_steps"]) for d in described]
     print(common.format_table(rows, ("model", "params", "blocks", "hidden", "heads", "text tokens", "cfg",
