@@ -151,8 +151,9 @@ def block_ops(model: ModelSpec, work: BlockWork) -> BlockOps:
         # ConsisID's face cross-attention follows ceil(L / every) of the L blocks: spread evenly over
         # the blocks (the FLOPs are exact, the split between stages is even).
         share = -(-model.num_blocks // face.every) / model.num_blocks
-        gemms.extend([(round(img * share), h, face.inner_dim), (round(B * face.tokens * share), face.kv_dim, 2 * face.inner_dim),
-                      (round(img * share), face.inner_dim, h)])
+        rows = round(img * share)
+        gemms.extend([(rows, h, face.inner_dim), (round(B * face.tokens * share), face.kv_dim, 2 * face.inner_dim),
+                      (rows, face.inner_dim, h)])
         other.append((B * face.inner_dim / model.head_dim * share, work.image_tokens, face.tokens))
     if work.skip_linear:
         gemms.append((img, 2 * h, h))

@@ -214,9 +214,11 @@ def _load_model_file(path_text: str) -> ModelSpec:
     experts = strict.integer(tr, "experts", tw, default=1)
     boundary = strict.number(tr, "expert_boundary_ratio", tw, default=0.0)
     if experts not in (1, 2):
-        raise DitplanError(f"{tw}.experts: {experts} is not supported; it must be 1 or 2 (high-noise then low-noise expert).")
+        raise DitplanError(f"{tw}.experts: {experts} is not supported; it must be 1 or 2 "
+                           "(a high-noise then a low-noise expert).")
     if experts == 2 and not 0.0 < boundary < 1.0:
-        raise DitplanError(f"{tw}.expert_boundary_ratio: {boundary} must be between 0 and 1 (exclusive) for two experts.")
+        raise DitplanError(f"{tw}.expert_boundary_ratio: {boundary} must be between 0 and 1 (exclusive) "
+                           "for two experts.")
     face = None
     if "face_attention" in tr:
         fw = f"{tw}.face_attention"

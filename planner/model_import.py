@@ -33,7 +33,11 @@ def _hunyuan_video(c: dict[str, Any]) -> dict[str, Any]:
     return dict(hidden_size=c["num_attention_heads"] * c["attention_head_dim"], num_heads=c["num_attention_heads"],
                 head_dim=c["attention_head_dim"], mlp_ratio=float(c["mlp_ratio"]), patch_size=c["patch_size"],
                 temporal_patch_size=c["patch_size_t"], in_channels=c["in_channels"],
-                blocks=[{"kind": "joint", "count": c["num_layers"]}, {"kind": "single", "count": c["num_single_layers"]}])
+                blocks=_dual_then_single(c))
+
+
+def _dual_then_single(c: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"kind": "joint", "count": c["num_layers"]}, {"kind": "single", "count": c["num_single_layers"]}]
 
 
 def _packed(c: dict[str, Any]) -> int:
@@ -50,7 +54,7 @@ def _qwen_image(c: dict[str, Any]) -> dict[str, Any]:
 def _flux(c: dict[str, Any]) -> dict[str, Any]:
     return dict(hidden_size=c["num_attention_heads"] * c["attention_head_dim"], num_heads=c["num_attention_heads"],
                 head_dim=c["attention_head_dim"], mlp_ratio=4.0, patch_size=2, in_channels=_packed(c),
-                blocks=[{"kind": "joint", "count": c["num_layers"]}, {"kind": "single", "count": c["num_single_layers"]}])
+                blocks=_dual_then_single(c))
 
 
 def _sana(c: dict[str, Any]) -> dict[str, Any]:
@@ -62,8 +66,8 @@ def _sana(c: dict[str, Any]) -> dict[str, Any]:
 
 def _sd3(c: dict[str, Any]) -> dict[str, Any]:
     return dict(hidden_size=c["num_attention_heads"] * c["attention_head_dim"], num_heads=c["num_attention_heads"],
-                head_dim=c["attention_head_dim"], mlp_ratio=4.0, patch_size=c["patch_size"], in_channels=c["in_channels"],
-                blocks=[{"kind": "joint", "count": c["num_layers"]}])
+                head_dim=c["attention_head_dim"], mlp_ratio=4.0, patch_size=c["patch_size"],
+                in_channels=c["in_channels"], blocks=[{"kind": "joint", "count": c["num_layers"]}])
 
 
 def _cogvideox(c: dict[str, Any]) -> dict[str, Any]:

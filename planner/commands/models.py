@@ -76,7 +76,8 @@ def _import(args: argparse.Namespace) -> int:
         count, linear, attention = kinds.get(kind, (0, 0.0, 0.0))
         kinds[kind] = (count + 1, linear + flops.linear, attention + flops.attention)
     for kind, (count, linear, attention) in kinds.items():
-        print(f"  per {kind} block: linear {linear / count / 1e12:.2f} TFLOP, attention {attention / count / 1e12:.2f} TFLOP")
+        print(f"  per {kind} block: linear {linear / count / 1e12:.2f} TFLOP, "
+              f"attention {attention / count / 1e12:.2f} TFLOP")
     return 0
 
 
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         common.print_json(described)
         return 0
-    rows = [(d["id"], ("2x" if d["experts"] == 2 else "") + _count(d["params"]), d["blocks"], d["hidden_size"], f"{d['heads']}x{d['head_dim']}",
+    rows = [(d["id"], ("2x" if d["experts"] == 2 else "") + _count(d["params"]), d["blocks"], d["hidden_size"],
+             f"{d['heads']}x{d['head_dim']}",
              f"{d['text_tokens']} {'joint' if d['text'] == 'joint attention' else 'cross'}",
              "yes" if d["uses_cfg"] else "no", d["default_size"], d["default_steps"]) for d in described]
     print(common.format_table(rows, ("model", "params", "blocks", "hidden", "heads", "text tokens", "cfg",

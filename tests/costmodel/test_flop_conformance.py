@@ -2,9 +2,9 @@
 
 Every real catalogue model is built at full size on the meta device (no weights, nothing downloaded)
 from its published transformer config (tests/fixtures/published/), run once per size under
-`FlopCounterMode`, and compared with `costmodel.flops.step_flops`: linear FLOPs (addmm/mm, plus the patch-embedding convolution) and
-attention FLOPs (SDPA decomposes into batched matmuls on the meta device) within 3 %, at two
-resolutions (two frame counts for video); the profile's parameter count within 1 % of the module's.
+`FlopCounterMode`, and compared with `costmodel.flops.step_flops`: linear FLOPs (addmm/mm, plus the
+patch-embedding convolution) and attention FLOPs (SDPA decomposes into batched matmuls on the meta
+device) within 3 %, at two resolutions (two frame counts for video); the profile's parameter count within 1 % of the module's.
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def _inputs(model_id: str, batch: int, height: int, width: int, frames: int) -> 
         latent_frames = token_frames * spec.temporal_patch_size  # padded up to whole temporal patches
         tokens = token_frames * (h // 2) * (w // 2)
         rotary = (torch.empty(tokens, 64), torch.empty(tokens, 64)) if model_id != "cogvideox-2b" else None
-        inputs = dict(hidden_states=torch.empty(batch, latent_frames, spec.in_channels, h, w), encoder_hidden_states=text,
-                      timestep=t, image_rotary_emb=rotary)
+        inputs = dict(hidden_states=torch.empty(batch, latent_frames, spec.in_channels, h, w),
+                      encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary)
         if spec.face_attention is not None:  # ConsisID: the face embedding and the face ViT's 5 hidden states
             inputs.update(id_cond=torch.empty(batch, 1280), id_vit_hidden=[torch.empty(batch, 577, 1024)] * 5)
         return inputs

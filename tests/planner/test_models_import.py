@@ -45,7 +45,8 @@ def test_import_reproduces_the_catalogue_entry(model_id: str, tmp_path: Path) ->
 def test_unknown_family_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", "in_channels": 4}))
-    with pytest.raises(DitplanError, match="UNet2DConditionModel.*WanTransformer3DModel \\(wan\\).*SanaTransformer2DModel"):
+    known = "UNet2DConditionModel.*WanTransformer3DModel \\(wan\\).*SanaTransformer2DModel"
+    with pytest.raises(DitplanError, match=known):
         import_model(config)
 
 
