@@ -165,6 +165,9 @@ def import_model(path: str | Path, model_id: str | None = None) -> dict[str, Any
     experts = 2 if "transformer_2" in index else 1
     transformer = {"params": float(f"{params:.4g}"), **transformer}
     if experts == 2:
+        if not isinstance(index.get("boundary_ratio"), (int, float)):
+            raise DitplanError(f"{path / 'model_index.json'}: names transformer_2 but no numeric boundary_ratio; "
+                               "two experts need the ratio at which the second takes over.")
         transformer["experts"] = 2
         transformer["expert_boundary_ratio"] = float(index["boundary_ratio"])
     vae = {"params": reference.vae_params, "spatial_factor": reference.vae_spatial_factor,
