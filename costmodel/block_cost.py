@@ -7,6 +7,9 @@ its exposed communication by link tier, and the per-step work outside the blocks
 - Ring: r-1 point-to-point hops of the local K/V per attention layer, each hidden behind the
   attention of the previous block only (plus the exact log-sum-exp merge, elementwise in fp32).
 - USP: Ulysses inside groups of u, ring across groups of r.
+- Linear attention (SANA): a rank attends its own tokens through the key-value summary of all of them;
+  Ring passes each rank's fp32 summary ((head_dim + 1) x head_dim per local head) around the ring
+  instead of K and V, r-1 hops that the summary sum waits for; Ulysses splits heads as usual.
 - Latte's spatial blocks attend within each frame; its temporal blocks across frames at each
   position, which SP (splitting positions) leaves without communication.
 """
@@ -37,6 +40,9 @@ RING_TEXT_OPS = 4
 # passes of the fp32 running output: upcast the block's output 1.5, (out - block_out) 3,
 # sigmoid(lse diff) x (...) 2, out - (...) 3, and the final downcast 0.5.
 RING_MERGE_PASSES = 10.0
+# Host operators per ring hop of a linear-attention summary: the batched isend/irecv + wait (~3) and
+# the add into the running sum (1).
+RING_SUMMARY_OPS = 4
 
 
 @dataclass
@@ -79,7 +85,15 @@ def block_cost(st: Setup, kind: str, image_tokens: int, text_tokens: int, skip_l
     attention = None
     extra_gpu = 0.0
     extra_ops = 0
-    if r > 1:
+    if r > 1 and model.linear_attention:
+        # The rank's queries are its own ring shard; the summaries of the others arrive by r-1 hops.
+        work = BlockWork(kind, st.batch, image_tokens, text_rows, queries, queries, 1.0 / u, skip_linear)
+        summary_bytes = st.batch * (model.num_heads / u) * (model.head_dim + 1) * model.head_dim * 4
+        hop, tier = cluster.comm_time("p2p", st.groups["ring"], summary_bytes)
+        comm += (r - 1) * hop
+        tiers[tier] = tiers.get(tier, 0.0) + (r - 1) * hop
+        extra_ops += r * RING_SUMMARY_OPS
+    elif r > 1:
         batch_heads = st.batch * model.num_heads / u * groups
         group_queries = max(1, queries // groups)
         chunk_keys = max(1, (full_keys - text_keys) // (r * groups))

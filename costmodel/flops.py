@@ -29,7 +29,23 @@ KERNELS_AND_PASSES: dict[tuple[str, str], tuple[int, float]] = {
     ("flux", "joint"): (90, 66.0),  # SD3's plus fp32 RMSNorm on q/k of both streams and rotary embeddings
     ("flux", "single"): (45, 62.0),  # fused qkv+MLP-in, RMSNorm q/k, rotary, concat [attn, mlp], fused out
     ("cogvideox", "single"): (52, 56.0),  # expert adaLN on text/video, LayerNorm q/k, rotary on the video part
+    # Wan: fp32 LayerNorm + modulate, RMSNorm over all heads' q/k, 3-D rotary on q/k, gated residual,
+    # then a LayerNorm'd cross-attention to the text and the GELU MLP with its gated residual.
+    ("wan", "cross"): (75, 70.0),
+    ("hunyuan-video", "joint"): (90, 66.0),  # Flux's double block: RMSNorm q/k, rotary on the video part
+    ("hunyuan-video", "single"): (45, 62.0),  # Flux's single block
+    ("qwen-image", "joint"): (95, 70.0),  # Flux-like double block, rotary on both streams' q/k
+    # SANA: LayerNorm + modulate, ReLU on q/k and the fp32 linear attention's casts and normalisation,
+    # cross-attention, and the GLU MLP's two 1x1 and one depthwise 3x3 convolution with SiLU gating.
+    ("sana", "cross"): (45, 55.0),
 }
+# Families whose single-stream blocks fuse q/k/v with the MLP input and the attention output with the
+# MLP output (one GEMM each); CogVideoX keeps them separate.
+FUSED_SINGLE_FAMILIES = ("flux", "hunyuan-video")
+# Families whose MLP is SANA's GLUMBConv: a 1x1 convolution to 2 x mlp channels (value and gate), a
+# depthwise 3x3 convolution over the token grid, SiLU gating and a 1x1 convolution back.
+GLU_CONV_FAMILIES = ("sana",)
+DEPTHWISE_TAPS = 9
 DEFAULT_KERNELS_AND_PASSES: dict[str, tuple[int, float]] = {
     "cross": (30, 35.0), "joint": (44, 36.0), "single": (45, 40.0), "temporal": (24, 30.0),
 }
@@ -107,7 +123,11 @@ def block_ops(model: ModelSpec, work: BlockWork) -> BlockOps:
     gemms: list[tuple[int, int, int]] = []
 
     def attention_and_mlp(rows: int) -> None:  # q/k/v and output projections, MLP in and out
-        gemms.extend([(rows, h, 3 * h), (rows, h, h), (rows, h, mlp), (rows, mlp, h)])
+        gemms.extend([(rows, h, 3 * h), (rows, h, h)])
+        if model.family in GLU_CONV_FAMILIES:  # the depthwise convolution as a GEMM of its 9 taps
+            gemms.extend([(rows, h, 2 * mlp), (rows, DEPTHWISE_TAPS, 2 * mlp), (rows, mlp, h)])
+        else:
+            gemms.extend([(rows, h, mlp), (rows, mlp, h)])
 
     if work.kind in ("cross", "temporal"):
         attention_and_mlp(img)
@@ -115,7 +135,7 @@ def block_ops(model: ModelSpec, work: BlockWork) -> BlockOps:
         attention_and_mlp(img)
         attention_and_mlp(txt)
     elif work.kind == "single":
-        if model.family == "flux":  # fused qkv + MLP-in, then fused out over [attention, MLP]
+        if model.family in FUSED_SINGLE_FAMILIES:  # fused qkv + MLP-in, then fused out over [attention, MLP]
             gemms.extend([(img + txt, h, 3 * h + mlp), (img + txt, h + mlp, h)])
         else:  # CogVideoX: separate projections, one stream over text + video
             attention_and_mlp(img + txt)
@@ -126,11 +146,27 @@ def block_ops(model: ModelSpec, work: BlockWork) -> BlockOps:
         text_rows = B * model.text_tokens * max(1, work.attn_groups if model.has_temporal_blocks else 1)
         gemms.extend([(img, h, h), (img, h, h), (text_rows, model.cross_attention_dim, 2 * h)])
         other.append((float(B * model.num_heads), work.image_tokens, model.text_tokens))
+    face = model.face_attention
+    if face is not None and work.kind != "temporal":
+        # ConsisID's face cross-attention follows ceil(L / every) of the L blocks: spread evenly over
+        # the blocks (the FLOPs are exact, the split between stages is even).
+        share = -(-model.num_blocks // face.every) / model.num_blocks
+        rows = round(img * share)
+        gemms.extend([(rows, h, face.inner_dim), (round(B * face.tokens * share), face.kv_dim, 2 * face.inner_dim),
+                      (rows, face.inner_dim, h)])
+        other.append((B * face.inner_dim / model.head_dim * share, work.image_tokens, face.tokens))
     if work.skip_linear:
         gemms.append((img, 2 * h, h))
     passes = kernels_and_passes(model.family, work.kind)[1]  # per row; joint blocks count both streams' rows
     slab = (img + txt) * h * b
-    self_attention = (B * model.num_heads * work.head_fraction * work.attn_groups, work.attn_queries, work.attn_keys)
+    heads = B * model.num_heads * work.head_fraction * work.attn_groups
+    if model.linear_attention:
+        # ReLU linear attention over the same tokens as queries and keys: the (d+1) x d summary
+        # [V; 1]^T K and its product with Q, 2 x 2 x tokens x d x (d+1) FLOPs per head, which is
+        # softmax attention's count with d + 1 keys.
+        self_attention = (heads, work.attn_queries, model.head_dim + 1)
+    else:
+        self_attention = (heads, work.attn_queries, work.attn_keys)
     return BlockOps(tuple(gemms), self_attention, tuple(other), passes * slab, slab, float((img + txt) * mlp))
 
 
@@ -153,17 +189,15 @@ def block_flops(model: ModelSpec, work: BlockWork) -> Flops:
     return ops_flops(model, block_ops(model, work))
 
 
-@lru_cache(maxsize=1024)
-def step_flops(model: ModelSpec, height: int, width: int, frames: int) -> Flops:
-    """One denoising step of the whole transformer on one GPU: the whole batch (both CFG halves),
-    every block at full sequence length, plus the text's context projection into the blocks."""
+def per_block_flops(model: ModelSpec, height: int, width: int, frames: int) -> list[tuple[str, Flops]]:
+    """(kind, FLOPs) of every block in execution order for one step of the whole batch (both CFG halves)."""
     batch = 2 if model.uses_cfg else 1
     tframes, rows, cols = model.token_grid(height, width, frames)
     tokens = tframes * rows * cols
     per_frame = rows * cols
     text = model.text_tokens if model.text_joins_attention else 0
     half = model.num_blocks // 2
-    total = Flops()
+    blocks = []
     for index, kind in enumerate(model.block_sequence):
         if kind == "temporal":
             work = BlockWork(kind, batch, tokens, 0, tframes, tframes, 1.0, attn_groups=per_frame)
@@ -172,6 +206,17 @@ def step_flops(model: ModelSpec, height: int, width: int, frames: int) -> Flops:
         else:
             skip = model.skip_connections and index > half
             work = BlockWork(kind, batch, tokens, text, tokens + text, tokens + text, 1.0, skip)
-        total = total + block_flops(model, work)
+        blocks.append((kind, block_flops(model, work)))
+    return blocks
+
+
+@lru_cache(maxsize=1024)
+def step_flops(model: ModelSpec, height: int, width: int, frames: int) -> Flops:
+    """One denoising step of the whole transformer on one GPU: the whole batch (both CFG halves),
+    every block at full sequence length, plus the text's context projection into the blocks."""
+    batch = 2 if model.uses_cfg else 1
+    total = Flops()
+    for _, flops in per_block_flops(model, height, width, frames):
+        total = total + flops
     context = 2.0 * batch * model.text_tokens * model.text_hidden * model.hidden_size
     return total + Flops(linear=context, bytes=(model.text_hidden * model.hidden_size) * model.dtype_bytes)

@@ -19,7 +19,8 @@ def memory_gib(st: Setup, stages: list | None) -> dict[str, float]:
     b, h = model.dtype_bytes, model.hidden_size
     L = model.num_blocks
     own_blocks = max(len(blocks) for blocks in stages) if stages else L
-    params = model.params * b * own_blocks / L
+    # Every expert stays resident (Wan 2.2 A14B swaps them at a boundary step); a stage holds its blocks of each.
+    params = model.resident_params * b * own_blocks / L
     # xDiT keeps the whole pipeline (text encoders, VAE) on every rank.
     encoders = (model.encoder_params + model.vae_params) * b
     local = st.tokens // config.sp
@@ -33,7 +34,12 @@ def memory_gib(st: Setup, stages: list | None) -> dict[str, float]:
     if config.uses_patches:
         # Stale K/V of the whole sequence for this rank's heads, in every attention layer it holds.
         layers = max(sum(1 for _, kind in blocks if kind != "temporal") for blocks in stages) if stages else L
-        kv = layers * 2.0 * st.batch * (st.tokens + st.text) * h * b / config.sp
+        if model.linear_attention:
+            # The stale state is each patch's fp32 key-value summary, per head (head_dim + 1) x head_dim.
+            kv = layers * config.patches * st.batch * model.num_heads / config.ulysses * (model.head_dim + 1) \
+                * model.head_dim * 4
+        else:
+            kv = layers * 2.0 * st.batch * (st.tokens + st.text) * h * b / config.sp
     return {
         "params_gib": params / GIB,
         "encoders_vae_gib": encoders / GIB,

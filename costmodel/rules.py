@@ -66,9 +66,18 @@ def check_config(config: "ParallelConfig | str", model: "ModelSpec | str", heigh
     if config.pipelines and config.warmup > steps:
         problems.append(f"warmup={config.warmup} exceeds steps={steps}; warmup steps are part of the step count")
     if not any(p.startswith("height=") and "multiple" in p for p in problems) and isinstance(height, int) and height >= 1:
-        _, rows, cols = model.token_grid(height, width, frames)
+        tframes, rows, cols = model.token_grid(height, width, frames)
         strips = config.patches * config.sp
-        if rows % strips:
+        if tframes > 1 and config.patches == 1 and not model.has_temporal_blocks:
+            # Sequence parallelism alone splits a video's flattened (frame, row, column) tokens evenly
+            # (as xDiT does for 720p HunyuanVideo's 45 token rows over 8 GPUs); Latte's spatial blocks
+            # attend within each frame, so its frames keep the row rule.
+            if (tframes * rows * cols) % config.sp:
+                problems.append(
+                    f"the video has {tframes} x {rows} x {cols} = {tframes * rows * cols} tokens, which do not split "
+                    f"into sp = {config.sp} equal parts"
+                )
+        elif rows % strips:
             problems.append(
                 f"the latent has {rows} token rows ({height}/{model.vae_spatial_factor}/{model.patch_size}), which do not "
                 f"split into patches x sp = {config.patches} x {config.sp} = {strips} equal strips; each strip must be a "

@@ -14,18 +14,32 @@ from costmodel.errors import DitplanError
 from profiles import PROFILES_DIR
 
 MODELS_DIR = PROFILES_DIR / "models"
-FAMILIES = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
+FAMILIES = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte", "wan", "hunyuan-video", "qwen-image", "sana")
 # cross: self-attention over image tokens + cross-attention to text + MLP (PixArt, HunyuanDiT, Latte spatial)
 # joint: MM-DiT dual stream; image and text streams each have their own weights, attention is joint
 # single: one stream over image+text tokens (Flux single blocks, CogVideoX)
 # temporal: attention across frames at each spatial position (Latte), no text
 BLOCK_KINDS = ("cross", "joint", "single", "temporal")
+# softmax: scaled-dot-product attention; linear: ReLU-kernel linear attention (SANA), whose cost and
+# whose state between ranks is a per-head (head_dim + 1) x head_dim key-value summary, not K and V
+ATTENTION_KINDS = ("softmax", "linear")
 
 
 @dataclass(frozen=True)
 class BlockGroup:
     kind: str
     count: int
+
+
+@dataclass(frozen=True)
+class FaceAttention:
+    """ConsisID: after every `every`-th block, the video tokens cross-attend to `tokens` face tokens of
+    width `kv_dim` through q/kv/out projections of width `inner_dim`."""
+
+    every: int
+    tokens: int
+    inner_dim: int
+    kv_dim: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,10 @@ class ModelSpec:
     in_channels: int
     skip_connections: bool
     cross_attention_dim: int  # width of the text states the cross-attention's k/v read
+    attention: str  # ATTENTION_KINDS
+    face_attention: "FaceAttention | None"
+    experts: int  # transformers of the same shape taking turns over the steps (Wan 2.2 A14B: 2)
+    expert_boundary_ratio: float  # the first expert runs while t >= this x the training timesteps
     blocks: tuple[BlockGroup, ...]
     text_tokens: int
     text_hidden: int
@@ -98,6 +116,15 @@ class ModelSpec:
         return tuple(tuple(unit) for unit in units)
 
     @property
+    def linear_attention(self) -> bool:
+        return self.attention == "linear"
+
+    @property
+    def resident_params(self) -> float:
+        """Transformer parameters held in memory: every expert stays loaded, one runs per step."""
+        return self.params * self.experts
+
+    @property
     def encoder_params(self) -> float:
         return sum(encoder.params for encoder in self.encoders)
 
@@ -115,7 +142,8 @@ class ModelSpec:
         """(token frames, token rows, token columns) after the VAE and the patch embedding."""
         rows = height // self.vae_spatial_factor // self.patch_size
         cols = width // self.vae_spatial_factor // self.patch_size
-        return max(1, self.latent_frames(frames) // self.temporal_patch_size), rows, cols
+        # CogVideoX 1.5 pads the latent frames up to a multiple of its temporal patch (21 -> 22).
+        return max(1, -(-self.latent_frames(frames) // self.temporal_patch_size)), rows, cols
 
     def image_tokens(self, height: int, width: int, frames: int) -> int:
         tframes, rows, cols = self.token_grid(height, width, frames)
@@ -150,7 +178,8 @@ def _load_model_file(path_text: str) -> ModelSpec:
     tr = strict.check_keys(
         data["transformer"], tw,
         ("params", "hidden_size", "num_heads", "head_dim", "mlp_ratio", "patch_size", "in_channels", "blocks"),
-        ("num_kv_heads", "temporal_patch_size", "skip_connections", "cross_attention_dim", "repeat", "notes"),
+        ("num_kv_heads", "temporal_patch_size", "skip_connections", "cross_attention_dim", "repeat", "attention",
+         "experts", "expert_boundary_ratio", "face_attention", "notes"),
     )
     repeat = strict.integer(tr, "repeat", tw, default=1)
     groups = []
@@ -182,6 +211,19 @@ def _load_model_file(path_text: str) -> ModelSpec:
     model_id = strict.text(data, "id", w)
     if model_id != path.stem and path.parent.resolve() == MODELS_DIR.resolve():
         raise DitplanError(f"{w}.id: {model_id!r} must equal the file name {path.stem!r}.")
+    experts = strict.integer(tr, "experts", tw, default=1)
+    boundary = strict.number(tr, "expert_boundary_ratio", tw, default=0.0)
+    if experts not in (1, 2):
+        raise DitplanError(f"{tw}.experts: {experts} is not supported; it must be 1 or 2 "
+                           "(a high-noise then a low-noise expert).")
+    if experts == 2 and not 0.0 < boundary < 1.0:
+        raise DitplanError(f"{tw}.expert_boundary_ratio: {boundary} must be between 0 and 1 (exclusive) "
+                           "for two experts.")
+    face = None
+    if "face_attention" in tr:
+        fw = f"{tw}.face_attention"
+        fa = strict.check_keys(tr["face_attention"], fw, ("every", "tokens", "inner_dim", "kv_dim"), ("notes",))
+        face = FaceAttention(*(strict.integer(fa, key, fw) for key in ("every", "tokens", "inner_dim", "kv_dim")))
     dtype_bytes = strict.integer(data, "dtype_bytes", w)
     if dtype_bytes not in (1, 2, 4):
         raise DitplanError(f"{w}.dtype_bytes: {dtype_bytes} is not allowed; it must be 1, 2 or 4.")
@@ -206,6 +248,10 @@ def _load_model_file(path_text: str) -> ModelSpec:
         in_channels=strict.integer(tr, "in_channels", tw),
         skip_connections=strict.boolean(tr, "skip_connections", tw, default=False),
         cross_attention_dim=strict.integer(tr, "cross_attention_dim", tw, default=hidden),
+        attention=strict.text(tr, "attention", tw, choices=ATTENTION_KINDS, default="softmax"),
+        face_attention=face,
+        experts=experts,
+        expert_boundary_ratio=boundary,
         blocks=blocks,
         text_tokens=strict.integer(tx, "tokens", xw),
         text_hidden=strict.integer(tx, "hidden", xw),

@@ -74,7 +74,7 @@ def _run_json_row(path: Path, cluster_id: str | None) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from costmodel.calibrated_profiles import write_builtin, write_cluster_file
-    from costmodel.calibration import calibrate, leave_one_scenario_out
+    from costmodel.calibration import BUILTIN_HELD_OUT_MODELS, calibrate, leave_one_scenario_out
     from costmodel.topology import load_cluster
 
     if args.builtin == bool(args.cluster or args.out):
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     names = [cluster.id] if cluster else None
     if cluster:
         rows = [row for row in rows if row["cluster"] == cluster.id]
-    calibration = calibrate(rows, names, bases)
+    calibration = calibrate(rows, names, bases, BUILTIN_HELD_OUT_MODELS if args.builtin else ())
     command = "ditplan calibrate " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("calibrate") + 1:]) \
         if "calibrate" in sys.argv else "ditplan calibrate"
     source = f"{command} ({datetime.date.today().isoformat()}) over {len(calibration.rows)} rows"

@@ -1,13 +1,15 @@
 """The cost model's FLOPs and parameter counts against the real diffusers modules.
 
 Every real catalogue model is built at full size on the meta device (no weights, nothing downloaded)
-from its published transformer config, run once per size under `FlopCounterMode`, and compared with
-`costmodel.flops.step_flops`: linear FLOPs (addmm/mm, plus the patch-embedding convolution) and
-attention FLOPs (SDPA decomposes into batched matmuls on the meta device) within 3 %, at two
-resolutions (two frame counts for video); the profile's parameter count within 1 % of the module's.
+from its published transformer config (tests/fixtures/published/), run once per size under
+`FlopCounterMode`, and compared with `costmodel.flops.step_flops`: linear FLOPs (addmm/mm, plus the
+patch-embedding convolution) and attention FLOPs (SDPA decomposes into batched matmuls on the meta
+device) within 3 %, at two resolutions (two frame counts for video); the profile's parameter count within 1 % of the module's.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -19,44 +21,30 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from costmodel.flops import step_flops  # noqa: E402
 from costmodel.specs import list_models, load_model  # noqa: E402
 
-# The published transformer/config.json of each model (the fields that shape the module).
-PIXART = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-              cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2,
-              norm_type="ada_norm_single", activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-              attention_bias=True, norm_elementwise_affine=False, norm_eps=1e-6)
-COGVIDEOX = dict(attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512, text_embed_dim=4096,
-                 sample_width=90, sample_height=60, sample_frames=49, patch_size=2, temporal_compression_ratio=4,
-                 max_text_seq_length=226)
-FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
-PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {
-    "pixart-alpha": ("PixArtTransformer2DModel", {**PIXART, "use_additional_conditions": True}),
-    "pixart-sigma": ("PixArtTransformer2DModel", {**PIXART, "use_additional_conditions": False}),
-    "sd3-medium": ("SD3Transformer2DModel", dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
-                                                 num_layers=24, attention_head_dim=64, num_attention_heads=24,
-                                                 joint_attention_dim=4096, caption_projection_dim=1536,
-                                                 pooled_projection_dim=2048, pos_embed_max_size=192)),
-    "flux-dev": ("FluxTransformer2DModel", {**FLUX, "guidance_embeds": True}),
-    "flux-schnell": ("FluxTransformer2DModel", {**FLUX, "guidance_embeds": False}),
-    "hunyuan-dit": ("HunyuanDiT2DModel", dict(num_attention_heads=16, attention_head_dim=88, in_channels=4, patch_size=2,
-                                              sample_size=128, hidden_size=1408, num_layers=40, mlp_ratio=4.3637,
-                                              learn_sigma=True, cross_attention_dim=1024, cross_attention_dim_t5=2048,
-                                              pooled_projection_dim=1024, text_len=77, text_len_t5=256,
-                                              use_style_cond_and_image_meta_size=False)),
-    "cogvideox-2b": ("CogVideoXTransformer3DModel", {**COGVIDEOX, "num_attention_heads": 30, "num_layers": 30,
-                                                     "use_rotary_positional_embeddings": False}),
-    "cogvideox-5b": ("CogVideoXTransformer3DModel", {**COGVIDEOX, "num_attention_heads": 48, "num_layers": 42,
-                                                     "use_rotary_positional_embeddings": True}),
-    "latte": ("LatteTransformer3DModel", dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-                                              num_layers=28, cross_attention_dim=1152, sample_size=64, patch_size=2,
-                                              caption_channels=4096, video_length=16, activation_fn="gelu-approximate",
-                                              norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-                                              num_embeds_ada_norm=1000, attention_bias=True)),
-}
+# The published diffusers folders of each model, cut to model_index.json and the transformer's
+# config.json (the fields that shape the module): tests/fixtures/published/<id>/.
+PUBLISHED_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "published"
+
+
+def _published(model_id: str) -> tuple[str, dict[str, Any]]:
+    config = json.loads((PUBLISHED_DIR / model_id / "transformer" / "config.json").read_text())
+    return config.pop("_class_name"), config
+
+
+PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {path.name: _published(path.name)
+                                                    for path in sorted(PUBLISHED_DIR.iterdir()) if path.is_dir()}
+
 # Two generations per model: (height, width, frames).
 SIZES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "cogvideox-2b": ((480, 720, 49), (480, 720, 25)),
     "cogvideox-5b": ((480, 720, 49), (480, 720, 25)),
+    "cogvideox1.5-5b": ((768, 1360, 81), (480, 720, 49)),
+    "consisid": ((480, 720, 49), (480, 720, 25)),  # learned position embeddings fix the resolution
+    # Video at reduced sizes keeps the meta-device run short; the counts scale the same way.
+    "wan2.1-t2v-1.3b": ((480, 832, 33), (320, 512, 33)),
+    "wan2.1-t2v-14b": ((480, 832, 33), (480, 832, 17)),
+    "wan2.2-t2v-a14b": ((480, 832, 33), (320, 512, 33)),
+    "hunyuan-video": ((320, 512, 33), (320, 512, 61)),
     # Latte's temporal position embedding is fixed at its 16 training frames: two resolutions instead.
     "latte": ((512, 512, 16), (256, 384, 16)),
 }
@@ -89,11 +77,28 @@ def _inputs(model_id: str, batch: int, height: int, width: int, frames: int) -> 
                     encoder_hidden_states_t5=torch.empty(batch, 256, 2048), text_embedding_mask_t5=torch.ones(batch, 256),
                     image_rotary_emb=(torch.empty(tokens, 88), torch.empty(tokens, 88)))
     if family == "cogvideox":
-        latent_frames = spec.latent_frames(frames)
-        tokens = latent_frames * (h // 2) * (w // 2)
-        rotary = (torch.empty(tokens, 64), torch.empty(tokens, 64)) if model_id == "cogvideox-5b" else None
-        return dict(hidden_states=torch.empty(batch, latent_frames, 16, h, w), encoder_hidden_states=text, timestep=t,
-                    image_rotary_emb=rotary)
+        token_frames = spec.token_grid(height, width, frames)[0]
+        latent_frames = token_frames * spec.temporal_patch_size  # padded up to whole temporal patches
+        tokens = token_frames * (h // 2) * (w // 2)
+        rotary = (torch.empty(tokens, 64), torch.empty(tokens, 64)) if model_id != "cogvideox-2b" else None
+        inputs = dict(hidden_states=torch.empty(batch, latent_frames, spec.in_channels, h, w),
+                      encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary)
+        if spec.face_attention is not None:  # ConsisID: the face embedding and the face ViT's 5 hidden states
+            inputs.update(id_cond=torch.empty(batch, 1280), id_vit_hidden=[torch.empty(batch, 577, 1024)] * 5)
+        return inputs
+    if family == "wan":
+        return dict(hidden_states=torch.empty(batch, 16, spec.latent_frames(frames), h, w), timestep=t,
+                    encoder_hidden_states=text)
+    if family == "hunyuan-video":
+        return dict(hidden_states=torch.empty(batch, 16, spec.latent_frames(frames), h, w), timestep=t,
+                    encoder_hidden_states=text, encoder_attention_mask=torch.ones(batch, spec.text_tokens),
+                    pooled_projections=torch.empty(batch, 768), guidance=torch.empty(batch))
+    if family == "qwen-image":
+        return dict(hidden_states=torch.empty(batch, (h // 2) * (w // 2), 64), encoder_hidden_states=text, timestep=t,
+                    encoder_hidden_states_mask=torch.ones(batch, spec.text_tokens, dtype=torch.bool),
+                    img_shapes=[(1, h // 2, w // 2)] * batch)
+    if family == "sana":
+        return dict(hidden_states=torch.empty(batch, 32, h, w), encoder_hidden_states=text, timestep=t)
     assert family == "latte"
     return dict(hidden_states=torch.empty(batch, 4, frames, h, w), encoder_hidden_states=text, timestep=t)
 

@@ -11,7 +11,8 @@ from costmodel.specs import MODELS_DIR
 from costmodel.topology import CLUSTERS_DIR
 
 REAL_MODELS = ["pixart-alpha", "pixart-sigma", "sd3-medium", "flux-dev", "flux-schnell", "hunyuan-dit",
-               "cogvideox-2b", "cogvideox-5b", "latte"]
+               "cogvideox-2b", "cogvideox-5b", "latte", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b",
+               "hunyuan-video", "qwen-image", "sana-1600m", "cogvideox1.5-5b", "consisid", "sd3.5-large"]
 CLUSTERS = ["a100-sxm-nvlink-8", "a100-pcie-4", "h100-sxm-nvlink-8", "h200-sxm-nvlink-8", "h20-nvlink-8",
             "l40-pcie-8", "l40-pcie-8x2-eth", "l20-pcie-8", "rtx4090-pcie-8", "t4-pcie-4", "v100-nvlink-8"]
 
@@ -70,6 +71,9 @@ def _model_data() -> dict:
     (lambda d: d["transformer"]["blocks"].append({"kind": "conv", "count": 2}), ["'conv'", "must be one of"]),
     (lambda d: d["vae"].update(params=-5), ["params", "must be > 0"]),
     (lambda d: d.update(uses_cfg="yes"), ["uses_cfg", "true or false"]),
+    (lambda d: d["transformer"].update(attention="sparse"), ["'sparse'", "must be one of"]),
+    (lambda d: d["transformer"].update(experts=3), ["experts", "1 or 2"]),
+    (lambda d: d["transformer"].update(experts=2), ["expert_boundary_ratio", "between 0 and 1"]),
 ])
 def test_model_schema_breaks_name_file_key_and_rule(tmp_path, mutate, words):
     data = _model_data()

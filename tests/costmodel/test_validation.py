@@ -19,9 +19,15 @@ def table():
 
 def test_median_absolute_error_within_15_percent(table):
     priced = table[table["predicted_s"].notna()]
-    assert len(table) == 103 and len(priced) == 99  # HunyuanVideo is not in the catalogue
-    assert set(table.loc[table["predicted_s"].isna(), "model"]) == {"hunyuan-video"}
+    assert len(table) == 103 and len(priced) == 103
     assert priced["error_pct"].abs().median() <= 15.0
+
+
+def test_hunyuan_video_rows_within_20_percent(table):
+    """Out of sample: the built-in constants are fitted without these rows (BUILTIN_HELD_OUT_MODELS)."""
+    rows = table[table["model"] == "hunyuan-video"]
+    assert len(rows) == 4
+    assert (rows["error_pct"].abs() <= 20.0).all(), rows[["gpus", "ulysses", "error_pct"]]
 
 
 def test_predicted_best_is_published_best_in_every_group(table):
@@ -58,7 +64,7 @@ def test_leave_one_scenario_out_median_within_20_percent():
     from costmodel.validation import cross_validated_table
 
     cross = cross_validated_table()
-    assert cross["predicted_s"].notna().sum() == 99
+    assert cross["predicted_s"].notna().sum() == 103
     assert cross["error_pct"].abs().median() <= 20.0
 
 

@@ -109,7 +109,9 @@ def test_models_and_clusters_listings(capsys):
     code, out, _ = call(["models"], capsys)
     assert code == 0 and "flux-dev" in out and "19 joint + 38 single" in out
     code, out, _ = call(["models", "--format", "json"], capsys)
-    assert {m["id"] for m in json.loads(out)} >= {"pixart-alpha", "latte", "cogvideox-5b"}
+    assert {m["id"] for m in json.loads(out)} >= {"pixart-alpha", "latte", "cogvideox-5b", "wan2.1-t2v-1.3b",
+                                                  "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "hunyuan-video", "qwen-image",
+                                                  "sana-1600m", "cogvideox1.5-5b", "consisid", "sd3.5-large"}
     code, out, _ = call(["clusters"], capsys)
     assert code == 0 and "l40-pcie-8x2-eth" in out and "socket" in out
     code, out, _ = call(["clusters", "--cluster", "l40-pcie-8", "--format", "json"], capsys)
