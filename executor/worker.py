@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from executor.launch import Stopped, stop_on_signals
+    from costmodel.interrupts import Stopped, stop_on_signals
 
     try:
         with stop_on_signals():
