@@ -41,8 +41,11 @@ NORM_GROUPS = 32
 MID_CHANNELS = 512  # the mid-block attention's width, at the latent's resolution
 # Families whose decoder has the mid-block self-attention (CogVideoX's 3D decoder has none).
 NO_MID_ATTENTION = ("cogvideox",)
-# Latent frames CogVideoX's VAE decodes per call (its frame batch); the others decode every frame at once.
-LATENT_FRAMES_PER_CALL = {"cogvideox": 2}
+# Latent frames a video VAE decodes per call, which bounds its activations: CogVideoX's frame batch (2);
+# Wan's causal decoder, one latent frame at a time with its feature cache; HunyuanVideo's temporal
+# tiles of 16 output frames (4 latent frames), which its pipelines turn on for 720p. The others
+# decode every frame at once.
+LATENT_FRAMES_PER_CALL = {"cogvideox": 2, "wan": 1, "hunyuan-video": 4}
 OUTPUT_CHANNELS = 3
 
 

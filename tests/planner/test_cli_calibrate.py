@@ -46,7 +46,7 @@ def test_json_report_names_every_parameter_with_its_bound(tmp_path, capsys):
 def test_input_mistakes_exit_2_with_one_paragraph(tmp_path, capsys):
     code, _, err = call(["calibrate", "--measurements", str(tmp_path / "none.csv"), "--cluster", "l40-pcie-8",
                          "--out", str(tmp_path / "x.yaml")], capsys)
-    assert code == 2 and "cannot read the measurements" in err and "Traceback" not in err
+    assert code == 2 and "none.csv: cannot read it" in err and "Traceback" not in err
     code, _, err = call(["calibrate", "--measurements", str(PUBLIC_CSV), "--builtin", "--cluster", "l40-pcie-8"], capsys)
     assert code == 2 and "not both" in err
     bad = tmp_path / "bad.csv"
@@ -54,7 +54,7 @@ def test_input_mistakes_exit_2_with_one_paragraph(tmp_path, capsys):
                    "s,pixart-alpha,1024,1024,1,20,l40-pcie-8,1,1,1,1,1,,,1,abc,exact,x\n")
     code, _, err = call(["calibrate", "--measurements", str(bad), "--cluster", "l40-pcie-8", "--out",
                          str(tmp_path / "x.yaml")], capsys)
-    assert code == 2 and "latency_s='abc' is not a number" in err
+    assert code == 2 and "row 1.latency_s: 'abc' is not a number" in err
     code, _, err = call(["calibrate", "--measurements", str(PUBLIC_CSV), "--cluster", "rtx4090-pcie-8", "--out",
                          str(tmp_path / "x.yaml")], capsys)
     assert code == 2 and "nothing to calibrate" in err
