@@ -5,7 +5,6 @@ Args: MODEL_ID LATENT_HEIGHT LATENT_WIDTH OUT_JSON. The decode group is the whol
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
