@@ -125,7 +125,7 @@ class Placement:
 
     def __post_init__(self) -> None:
         order = tuple(self.order)
-        if sorted(order) != sorted(AXES):
+        if not all(isinstance(axis, str) for axis in order) or sorted(order) != sorted(AXES):
             raise DitplanError(
                 f"placement {list(order)!r} is not an ordering of the axes; it must list each of {', '.join(AXES)} exactly once."
             )

@@ -23,6 +23,9 @@ BLOCK_KINDS = ("cross", "joint", "single", "temporal")
 # softmax: scaled-dot-product attention; linear: ReLU-kernel linear attention (SANA), whose cost and
 # whose state between ranks is a per-head (head_dim + 1) x head_dim key-value summary, not K and V
 ATTENTION_KINDS = ("softmax", "linear")
+# The deepest DiTs have well under a hundred blocks; the cost model walks the blocks one by one,
+# so a count far past any real model is refused rather than walked.
+MAX_BLOCKS = 10_000
 
 
 @dataclass(frozen=True)
@@ -181,13 +184,17 @@ def _load_model_file(path_text: str) -> ModelSpec:
         ("num_kv_heads", "temporal_patch_size", "skip_connections", "cross_attention_dim", "repeat", "attention",
          "experts", "expert_boundary_ratio", "face_attention", "notes"),
     )
-    repeat = strict.integer(tr, "repeat", tw, default=1)
+    repeat = strict.integer(tr, "repeat", tw, maximum=MAX_BLOCKS, default=1)
     groups = []
     for index, entry in enumerate(strict.sequence(tr, "blocks", tw)):
         bw = f"{tw}.blocks[{index}]"
         strict.check_keys(entry, bw, ("kind", "count"))
-        groups.append(BlockGroup(strict.text(entry, "kind", bw, choices=BLOCK_KINDS), strict.integer(entry, "count", bw)))
+        groups.append(BlockGroup(strict.text(entry, "kind", bw, choices=BLOCK_KINDS),
+                                 strict.integer(entry, "count", bw, maximum=MAX_BLOCKS)))
     blocks = tuple(groups) * repeat
+    if sum(group.count for group in blocks) > MAX_BLOCKS:
+        raise DitplanError(f"{tw}.blocks: {sum(group.count for group in blocks)} blocks in all (counts x repeat) is not "
+                           f"allowed; a model has at most {MAX_BLOCKS}.")
     xw = f"{w}: text"
     tx = strict.check_keys(data["text"], xw, ("tokens", "hidden", "joins_attention", "encoders"), ("notes",))
     encoders = []

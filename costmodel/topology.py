@@ -32,6 +32,14 @@ HARDWARE_DIR = PROFILES_DIR / "hardware"
 CLUSTERS_DIR = PROFILES_DIR / "clusters"
 PATTERNS = ("all_to_all", "all_gather", "p2p")
 TIERS = ("nvlink", "pcie", "bridge", "socket", "network")
+# Physical ceilings on a node's shape, well above any server built (8 sockets, a few PCIe switches
+# per socket, 8-16 GPUs per switch): a count past them is a typing slip, and the topology graph
+# holds one vertex per GPU, so an absurd count would exhaust memory instead of failing.
+MAX_SOCKETS = 16
+MAX_SWITCHES_PER_SOCKET = 64
+MAX_GPUS_PER_SWITCH = 64
+MAX_NICS = 64
+MAX_NODES = 100_000
 
 
 @dataclass(frozen=True)
@@ -436,18 +444,18 @@ def _read_cluster(path_text: str) -> dict[str, Any]:
     )
     lw = f"{nw}.links"
     links = strict.check_keys(node["links"], lw, ("pcie",), ("bridge", "socket", "nvlink"))
-    sockets = strict.integer(node, "sockets", nw)
+    sockets = strict.integer(node, "sockets", nw, maximum=MAX_SOCKETS)
     if sockets > 1 and "socket" not in links:
         raise DitplanError(f"{lw}: missing field 'socket'; a node with {sockets} CPU sockets needs the inter-socket link.")
     parsed = {
         "id": strict.text(data, "id", w),
         "description": strict.text(data, "description", w),
         "hardware": _cluster_hardware(data, w),
-        "nodes": strict.integer(data, "nodes", w, default=1),
+        "nodes": strict.integer(data, "nodes", w, maximum=MAX_NODES, default=1),
         "sockets": sockets,
-        "switches_per_socket": strict.integer(node, "switches_per_socket", nw),
-        "gpus_per_switch": strict.integer(node, "gpus_per_switch", nw),
-        "nics": strict.integer(node, "nics", nw, minimum=0, default=0),
+        "switches_per_socket": strict.integer(node, "switches_per_socket", nw, maximum=MAX_SWITCHES_PER_SOCKET),
+        "gpus_per_switch": strict.integer(node, "gpus_per_switch", nw, maximum=MAX_GPUS_PER_SWITCH),
+        "nics": strict.integer(node, "nics", nw, minimum=0, maximum=MAX_NICS, default=0),
         "p2p": strict.boolean(node, "p2p", nw),
         "collective_launch_us": strict.number(node, "collective_launch_us", nw, allow_zero=True),
         "host_op_us": strict.number(node, "host_op_us", nw, allow_zero=True),

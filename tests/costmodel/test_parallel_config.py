@@ -45,6 +45,8 @@ def test_default_placement_puts_ulysses_on_nearest_ranks():
 def test_placement_must_list_every_axis_once():
     with pytest.raises(DitplanError, match="exactly once"):
         Placement(ParallelConfig(), ("ulysses", "ring", "cfg", "dp"))
+    with pytest.raises(DitplanError, match="exactly once"):
+        Placement(ParallelConfig(), (None,) * 5)
 
 
 degrees = st.sampled_from([1, 2, 3, 4])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -41,17 +42,21 @@ def write(path: Path, text: str | bytes) -> Path:
 
 # ---------------------------------------------------------------- NaN and infinity never pass
 
-@pytest.mark.parametrize("old, new", [
-    ("bandwidth_gbs: 32,", "bandwidth_gbs: 1e-320,"),
-    ("host_op_us: 21 ", "host_op_us: 1e308 "),
-    ("latency_us: 5,", "latency_us: 1e308,"),
+@pytest.mark.parametrize("key, new, words", [
+    ("bandwidth_gbs", "1e-320", "out of range"),
+    ("host_op_us", "1e308", "out of range"),
+    ("latency_us", "1e308", "out of range"),
+    # Counts that would build a topology graph of billions of GPUs: refused, not walked into memory.
+    ("gpus_per_switch", "2147483647", "must be <= 64"),
+    ("sockets", "100000", "must be <= 16"),
 ])
-def test_extreme_cluster_figures_are_refused_at_loading(tmp_path, capsys, old, new):
-    assert old in CLUSTER
-    cluster = write(tmp_path / "extreme.yaml", CLUSTER.replace(old, new, 1))
+def test_extreme_cluster_figures_are_refused_at_loading(tmp_path, capsys, key, new, words):
+    text, replaced = re.subn(rf"(\b{key}: )[-+.\w]+", rf"\g<1>{new}", CLUSTER, count=1)
+    assert replaced == 1
+    cluster = write(tmp_path / "extreme.yaml", text)
     plan = tmp_path / "plan.json"
-    refused(["simulate", "--model", "pixart-alpha", "--cluster", cluster, "--config", "ulysses=2"], capsys, "out of range")
-    refused(["search", "--model", "pixart-alpha", "--cluster", cluster, "--gpus", "2", "--out", plan], capsys, "out of range")
+    refused(["simulate", "--model", "pixart-alpha", "--cluster", cluster, "--config", "ulysses=2"], capsys, key, words)
+    refused(["search", "--model", "pixart-alpha", "--cluster", cluster, "--gpus", "2", "--out", plan], capsys, words)
     assert not plan.exists()
 
 
@@ -59,6 +64,14 @@ def test_an_extreme_model_figure_is_refused_at_loading(tmp_path, capsys):
     model = write(tmp_path / "extreme.yaml", MODEL.replace("mlp_ratio: 4.0", "mlp_ratio: 1e308", 1))
     assert "1e308" in model.read_text()
     refused(["simulate", "--model", model, "--cluster", "l40-pcie-8", "--config", "ulysses=2"], capsys, "mlp_ratio")
+
+
+def test_a_model_of_billions_of_blocks_is_refused_at_loading(tmp_path, capsys):
+    text, replaced = re.subn(r"(\bcount: )\d+", r"\g<1>2147483647", MODEL, count=1)
+    assert replaced == 1
+    model = write(tmp_path / "deep.yaml", text)
+    refused(["simulate", "--model", model, "--cluster", "l40-pcie-8", "--config", "pipefusion=2"], capsys, "count",
+            "must be <= 10000")
 
 
 def test_a_computed_nan_is_refused_at_the_output():
