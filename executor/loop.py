@@ -52,8 +52,7 @@ def _batch_steps(job: DenoiseJob, adapter: FamilyAdapter, config: ParallelConfig
     branches = (job.branches[groups.coordinate("cfg")],) if config.cfg == 2 else job.branches
     latents = job.latents
     for step_index, t in enumerate(job.timesteps):
-        output = adapter.transformer(**adapter.transformer_kwargs(job, latents, t, branches))[0]
-        noise = adapter.noise_prediction(job, output)
+        noise = adapter.noise_prediction(job, adapter.model_output(job, latents, t, branches))
         if config.cfg == 2:
             uncond, cond = gather_cfg_halves(noise, cfg_group)  # one all-gather per step
             noise = adapter.combine_guidance(job, uncond, cond, step_index, t)

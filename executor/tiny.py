@@ -17,6 +17,7 @@ Python: `build_tiny_pipeline(model_id, seed=0, **transformer_overrides)`,
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from costmodel.errors import DitplanError
 MODELS_DIR = Path(__file__).resolve().parent.parent / "profiles" / "models"
 TINY_IDS: tuple[str, ...] = (
     "tiny-pixart-alpha", "tiny-pixart-sigma", "tiny-sd3-medium", "tiny-flux-dev", "tiny-flux-schnell",
-    "tiny-hunyuan-dit", "tiny-cogvideox-2b", "tiny-latte",
+    "tiny-hunyuan-dit", "tiny-cogvideox-2b", "tiny-latte", "tiny-qwen-image",
 )
 
 # Words the tiny tokenizers know as whole tokens; anything else falls back to single characters.
@@ -46,6 +47,7 @@ _TEXT_CONFIGS = {
     "CLIPTextModel": "CLIPTextConfig",
     "CLIPTextModelWithProjection": "CLIPTextConfig",
     "BertModel": "BertConfig",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLConfig",
 }
 
 
@@ -125,7 +127,34 @@ def _bert_tokenizer(cls: type, model_max_length: int) -> Any:
     return cls(vocab={token: i for i, token in enumerate(dict.fromkeys(tokens))}, model_max_length=model_max_length)
 
 
-_TOKENIZER_KINDS = {"t5": _t5_tokenizer, "clip": _clip_tokenizer, "bert": _bert_tokenizer}
+# Qwen-Image's prompt template: its system part is dropped after encoding by a fixed token count, so
+# the tiny tokenizer keeps each of these words whole, as Qwen's own vocabulary does.
+_CHAT_WORDS = (
+    "system user assistant Describe the image by detailing color shape size texture quantity text spatial "
+    "relationships of objects and background"
+).split()
+_CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>")
+
+
+def _qwen2_tokenizer(cls: type, model_max_length: int) -> Any:
+    # A byte-level BPE (every byte is a token, so any text encodes) whose merges are learned from the
+    # known words, each with and without its leading space, until every one of them is a single token.
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = list(dict.fromkeys([*_WORDS, *_CHAT_WORDS]))
+    probe = cls(vocab={"<|endoftext|>": 0}, merges=[])  # the Qwen2 pre-tokenizer, to train with
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=4096, show_progress=False, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([*words, " ".join(words)], trainer=trainer)
+    state = json.loads(tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    return cls(vocab=state["vocab"], merges=merges, model_max_length=model_max_length,
+               extra_special_tokens=list(_CHAT_SPECIALS))
+
+
+_TOKENIZER_KINDS = {"t5": _t5_tokenizer, "clip": _clip_tokenizer, "bert": _bert_tokenizer, "qwen2": _qwen2_tokenizer}
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -248,6 +277,10 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
         figures["patch_size"] = 2  # 2x2 latent pixels packed into one token by the pipeline
         figures["in_channels"] = int(cfg.in_channels) // 4
         mlp = pipe.transformer.single_transformer_blocks[0].proj_mlp.out_features
+    elif family == "qwen-image":
+        figures["blocks"] = [{"kind": "joint", "count": int(cfg.num_layers)}]
+        figures["in_channels"] = int(cfg.in_channels) // 4  # 2x2 latent pixels packed into one token by the pipeline
+        mlp = pipe.transformer.transformer_blocks[0].img_mlp.net[2].in_features
     elif family == "sd3":
         figures["blocks"] = [{"kind": "joint", "count": int(cfg.num_layers)}]
         mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
@@ -291,15 +324,18 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
         if module is not None:
             encoders.append({"name": f"tiny-{type(module).__name__}", "params": _params(module)})
     vae = pipe.vae
-    return {
-        "transformer": figures,
-        "text": {"tokens": int(tokens), "hidden": int(text_hidden), "joins_attention": family in ("sd3", "flux", "cogvideox"), "encoders": encoders},
-        "vae": {
-            "params": _params(vae),
+    if family == "qwen-image":  # a causal 3-D VAE run on one frame: its config names the sizes apart
+        vae_figures = {"spatial_factor": int(pipe.vae_scale_factor), "temporal_factor": 1, "latent_channels": int(vae.config.z_dim)}
+    else:
+        vae_figures = {
             "spatial_factor": 2 ** (len(vae.config.block_out_channels) - 1),
             "temporal_factor": int(getattr(vae.config, "temporal_compression_ratio", 1) or 1),
             "latent_channels": int(vae.config.latent_channels),
-        },
+        }
+    return {
+        "transformer": figures,
+        "text": {"tokens": int(tokens), "hidden": int(text_hidden), "joins_attention": family in ("sd3", "flux", "cogvideox", "qwen-image"), "encoders": encoders},
+        "vae": {"params": _params(vae), **vae_figures},
         "token_grid": list(job.token_grid),
     }
 

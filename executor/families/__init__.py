@@ -14,6 +14,7 @@ from executor.families.flux import FluxAdapter
 from executor.families.hunyuan import HunyuanAdapter
 from executor.families.latte import LatteAdapter
 from executor.families.pixart import PixArtAdapter
+from executor.families.qwen_image import QwenImageAdapter
 from executor.families.sd3 import SD3Adapter
 
 # diffusers pipeline class name -> adapter.
@@ -25,8 +26,9 @@ _BY_PIPELINE: dict[str, type[FamilyAdapter]] = {
     "HunyuanDiTPipeline": HunyuanAdapter,
     "CogVideoXPipeline": CogVideoXAdapter,
     "LattePipeline": LatteAdapter,
+    "QwenImagePipeline": QwenImageAdapter,
 }
-FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
+FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte", "qwen-image")
 
 
 def family_of_pipeline_class(name: str) -> str | None:

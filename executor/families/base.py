@@ -259,12 +259,21 @@ class FamilyAdapter:
         kwargs: dict[str, Any] = {
             self.latent_kwarg: hidden,
             self.timestep_kwarg: self.timestep_input(job, t, hidden.shape[0]),
+            **self.batched_inputs(job, branches),
         }
-        for key in job.branch_inputs[branches[0]]:
-            kwargs[key] = concat_batches([job.branch_inputs[b][key] for b in branches])
-        kwargs.update(job.shared_inputs)
         kwargs["return_dict"] = False
         return kwargs
+
+    def batched_inputs(self, job: DenoiseJob, branches: Sequence[str]) -> dict[str, Any]:
+        """The transformer keyword arguments of `branches` besides the latents and the timestep: the
+        branch inputs concatenated in order, then the shared inputs."""
+        kwargs = {key: concat_batches([job.branch_inputs[b][key] for b in branches]) for key in job.branch_inputs[branches[0]]}
+        kwargs.update(job.shared_inputs)
+        return kwargs
+
+    def model_output(self, job: DenoiseJob, latents: torch.Tensor, t: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
+        """The transformer's output over `branches`, batched in order: one call, as most pipelines make it."""
+        return self.transformer(**self.transformer_kwargs(job, latents, t, branches))[0]
 
     def noise_prediction(self, job: DenoiseJob, output: torch.Tensor) -> torch.Tensor:
         """The scheduler-ready noise from the transformer's output tensor (default: as is)."""

@@ -69,10 +69,7 @@ def patch_job(job: Any, adapter: Any) -> PatchJob:
     previous prediction there) are handed to the adapter strip by strip and reassembled.
     """
     branches = job.branches
-    from executor.families.base import concat_batches
-
-    model_kwargs = {key: concat_batches([job.branch_inputs[b][key] for b in branches]) for key in job.branch_inputs[branches[0]]}
-    model_kwargs.update(job.shared_inputs)
+    model_kwargs = adapter.batched_inputs(job, branches)
     full_shape = tuple(job.latents.shape)
 
     def model_input(latents: torch.Tensor, t: Any) -> torch.Tensor:

@@ -30,9 +30,11 @@ from executor.pipefusion.stale_kv import TextPosition
 
 
 def _processor_class(family: str) -> type:
+    from executor.families.qwen_image import QwenImageAttentionProcessor
     from executor.sp import processors
 
     return {
+        "qwen-image": QwenImageAttentionProcessor,
         "pixart": processors.SelfAttentionProcessor, "hunyuan": processors.SelfAttentionProcessor,
         "latte": processors.SelfAttentionProcessor, "sd3": processors.JointAttentionProcessor,
         "flux": processors.FluxAttentionProcessor, "cogvideox": processors.CogVideoXAttentionProcessor,

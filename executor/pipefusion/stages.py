@@ -502,6 +502,10 @@ STAGES: dict[str, type[StagedTransformer]] = {
 
 
 def staged(transformer: nn.Module, family: str) -> StagedTransformer:
+    if family == "qwen-image":
+        from executor.families.qwen_image import QwenImageStages
+
+        return QwenImageStages(transformer)
     try:
         return STAGES[family](transformer)
     except KeyError:
