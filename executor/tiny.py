@@ -147,7 +147,7 @@ def _qwen2_tokenizer(cls: type, model_max_length: int) -> Any:
     tokenizer.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
     trainer = trainers.BpeTrainer(vocab_size=4096, show_progress=False, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([*words, " ".join(words)], trainer=trainer)
+    tokenizer.train_from_iterator([*words, *(" " + word for word in words)], trainer=trainer)
     state = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     return cls(vocab=state["vocab"], merges=merges, model_max_length=model_max_length,

@@ -3,10 +3,12 @@ attention over [text; image]), Qwen2.5-VL text, true CFG with a norm-preserving 
 packed 2x2 latent tokens (as Flux), a rotary table computed inside `forward` for both streams.
 
 The pipeline calls the transformer once per guidance branch: the prompt and the negative prompt
-encode to different token counts (nothing pads them to a common length), so the two branches are
-never one batch here either, except under PipeFusion, which needs equal counts (see
-`QwenImageAdapter.batched_inputs`). A padding mask appears only for prompts of different lengths in
-one batch; diffusers' own attention honours it, the split-sequence paths refuse it in words.
+encode to different token counts (nothing pads them to a common length), so the executor makes one
+call per branch too (`QwenImageAdapter.model_output`). PipeFusion's model batch holds both
+branches, their texts padded to one length under a mask (`QwenImageAdapter.batched_inputs`);
+its stages take the padding off where every row of a CFG half has the same length, and refuse the
+rest at the entrance. Prompts of different lengths in one batch are padded by the pipeline itself:
+diffusers' attention honours that mask, the split-sequence paths refuse it in words.
 """
 from __future__ import annotations
 
@@ -41,6 +43,14 @@ def _refuse_text_mask(mask: torch.Tensor | None, where: str) -> None:
             "mask, which the split sequence cannot honour; give prompts of equal token length, or one prompt per call "
             "(or per data-parallel replica)."
         )
+
+
+def _common_length(mask: torch.Tensor) -> int | None:
+    """The text length every row of a padding mask keeps, its padding all at the end (None: rows
+    differ). Cutting the text to it is exact: masked tokens take no part in the attention."""
+    mask = mask.bool()
+    length = int(mask[0].sum())
+    return length if bool(mask[:, :length].all()) and not bool(mask[:, length:].any()) else None
 
 
 class QwenImageAdapter(FamilyAdapter):
@@ -101,14 +111,20 @@ class QwenImageAdapter(FamilyAdapter):
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def batched_inputs(self, job: DenoiseJob, branches: Sequence[str]) -> dict[str, Any]:
-        lengths = {job.branch_inputs[b]["encoder_hidden_states"].shape[1] for b in branches}
-        if len(lengths) > 1:
-            raise DitplanError(
-                f"qwen-image: the prompt and the negative prompt encode to {sorted(lengths)} text tokens; PipeFusion runs both "
-                "guidance branches as one transformer batch, which needs one length. Run the branches on separate ranks "
-                "(cfg=2), or without guidance (guidance_scale 1)."
-            )
-        return super().batched_inputs(job, branches)
+        # One batch of several branches (PipeFusion's): the shorter texts are padded to the longest
+        # under a mask. The stages take the padding off again where a batch (or its CFG half) has one
+        # text length (see `_common_length`).
+        texts = [job.branch_inputs[b]["encoder_hidden_states"] for b in branches]
+        longest = max(text.shape[1] for text in texts)
+        if all(text.shape[1] == longest for text in texts):
+            return super().batched_inputs(job, branches)
+        masks = []
+        for branch, text in zip(branches, texts):
+            given = job.branch_inputs[branch]["encoder_hidden_states_mask"]
+            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if given is None else given.bool()
+            masks.append(nn.functional.pad(mask, (0, longest - text.shape[1]), value=False))
+        padded = [nn.functional.pad(text, (0, 0, 0, longest - text.shape[1])) for text in texts]
+        return {"encoder_hidden_states": torch.cat(padded), "encoder_hidden_states_mask": torch.cat(masks), **job.shared_inputs}
 
     def combine_guidance(
         self, job: DenoiseJob, uncond: torch.Tensor, cond: torch.Tensor, step_index: int, t: torch.Tensor
@@ -193,15 +209,21 @@ def install_sequence_parallel(transformer: nn.Module, shard: SequenceShard, hand
     for block in transformer.transformer_blocks:
         _install(handle, block.attn, processor)
 
-    def refuse_padded_text(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def unpadded_text(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         # Before the first block: every rank sees the same inputs, so all refuse alike.
-        _refuse_text_mask(kwargs.get("encoder_hidden_states_mask"), "sequence parallelism")
+        mask = kwargs.get("encoder_hidden_states_mask")
+        if mask is None:
+            return None
+        length = _common_length(mask)
+        if length is None:
+            _refuse_text_mask(mask, "sequence parallelism")
+        return args, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"][:, :length], "encoder_hidden_states_mask": None}
 
     def my_image_rows(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         image_freqs, text_freqs = output
         return image_freqs[shard.start : shard.stop], text_freqs
 
-    handle._hooks.append(transformer.register_forward_pre_hook(refuse_padded_text, with_kwargs=True))
+    handle._hooks.append(transformer.register_forward_pre_hook(unpadded_text, with_kwargs=True))
     handle._hooks.append(transformer.img_in.register_forward_hook(_split_tokens(shard)))
     handle._hooks.append(transformer.pos_embed.register_forward_hook(my_image_rows))
 
@@ -238,10 +260,23 @@ class QwenImageStages(StagedTransformer):
             raise ValueError(f"qwen-image img_shapes describe a {rows}x{cols} grid but the latents hold {latents.shape[-2]} tokens")
         return PatchLayout(rows, cols, cols, 1, patches)
 
+    def input_problems(self, kwargs: dict[str, Any], cfg: int) -> list[str]:
+        mask = kwargs.get("encoder_hidden_states_mask")
+        if mask is None or all(_common_length(half) is not None for half in mask.chunk(cfg)):
+            return []
+        return ["the qwen-image model batch holds texts of different token lengths (the prompt and the negative "
+                "prompt, or prompts of different lengths), which only a padding mask could join, and a patch's "
+                "attention to the stale K/V cannot honour one; run the guidance branches on separate ranks (cfg=2) "
+                "or without guidance (guidance_scale 1), with prompts of equal token length"]
+
     def condition(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]) -> Cond:
         t = self.transformer
-        _refuse_text_mask(kwargs.get("encoder_hidden_states_mask"), "PipeFusion")
-        text = kwargs["encoder_hidden_states"]
+        text, mask = kwargs["encoder_hidden_states"], kwargs.get("encoder_hidden_states_mask")
+        if mask is not None:
+            length = _common_length(mask)
+            if length is None:  # refused at the entrance (input_problems)
+                raise DitplanError(self.input_problems(kwargs, 1)[0] + ".")
+            text = text[:, :length]  # the padding masked out is no text at all: take it off, exactly
         temb = t.time_text_embed(timestep.to(latents.dtype), latents, kwargs.get("additional_t_cond"))
         rotary = t.pos_embed(kwargs["img_shapes"], max_txt_seq_len=text.shape[1], device=latents.device)
         return {"temb": temb, "rotary": rotary, "raw_text": text, "text_tokens": text.shape[1]}

@@ -129,12 +129,14 @@ def size_problems(job: Any, adapter: Any, config: ParallelConfig) -> list[str]:
     if not config.pipelines:
         return []
     stages = _stages_of(adapter.transformer, job.family)
+    model_kwargs = patch_job(job, adapter).model_kwargs
+    problems = stages.input_problems(model_kwargs, config.cfg)
     try:
-        layout = stages.layout(job.latents, patch_job(job, adapter).model_kwargs, config.patches)
+        layout = stages.layout(job.latents, model_kwargs, config.patches)
     except DitplanError:
-        rows = stages.layout(job.latents, patch_job(job, adapter).model_kwargs, 1).token_rows
-        return [f"patches={config.patches} exceeds the image's {rows} token rows; each patch needs at least one whole token row"]
-    return patch_problems(layout, config.sp)
+        rows = stages.layout(job.latents, model_kwargs, 1).token_rows
+        return [*problems, f"patches={config.patches} exceeds the image's {rows} token rows; each patch needs at least one whole token row"]
+    return [*problems, *patch_problems(layout, config.sp)]
 
 
 def step_program(job: Any, adapter: Any, transformer: torch.nn.Module, groups: Any, config: ParallelConfig) -> StepProgram:

@@ -136,6 +136,11 @@ class StagedTransformer:
             spec["text"] = (batch, text_tokens, self.hidden_size())
         return spec
 
+    def input_problems(self, kwargs: dict[str, Any], cfg: int) -> list[str]:
+        """Why the model batch of `kwargs`, cut into `cfg` guidance halves (one per rank), cannot run
+        patch by patch (empty: it can)."""
+        return []
+
     def skip_pairs(self) -> list[tuple[int, int, str]]:
         """(producing unit, consuming unit, carry key) of every long skip (HunyuanDiT); each has the
         hidden state's shape."""

@@ -89,7 +89,7 @@ def test_pipefusion_with_both_guidance_branches_on_a_rank_is_refused_alike(two_r
     messages = [two_ranks[rank]["refusal"] for rank in (0, 1)]
     assert all("message" in m for m in messages), messages
     assert messages[0] == messages[1]
-    assert "cfg=2" in messages[0]["message"] and "text tokens" in messages[0]["message"]
+    assert "cfg=2" in messages[0]["message"] and "different token lengths" in messages[0]["message"]
 
 
 @pytest.mark.timeout(600)
@@ -99,13 +99,13 @@ def test_every_plan_follows_nccl_rules(two_ranks):
 
 @pytest.mark.timeout(300)
 def test_ditplan_run_with_ulysses_2(tmp_path):
-    args = ["--model", "tiny-qwen-image", "--plan", "ulysses=2", "--nproc", "2", "--steps", "2", "--prompt", "a cat",
-            "--out", str(tmp_path / "out")]
+    args = ["--model", "tiny-qwen-image", "--plan", "ulysses=2", "--nproc", "2", "--steps", "2", "--height", "128",
+            "--width", "128", "--prompt", "a cat", "--out", str(tmp_path / "out")]
     result = subprocess.run([sys.executable, "-m", "planner", "run", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert record["config"].startswith("ulysses=2") and record["files"] == ["image-000.png"]
+    assert "ulysses=2" in record["config"] and record["files"] == ["image-000.png"]
     assert (tmp_path / "out" / "image-000.png").is_file()
 
 
