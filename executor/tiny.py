@@ -324,18 +324,16 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
         if module is not None:
             encoders.append({"name": f"tiny-{type(module).__name__}", "params": _params(module)})
     vae = pipe.vae
-    if family == "qwen-image":  # a causal 3-D VAE run on one frame: its config names the sizes apart
-        vae_figures = {"spatial_factor": int(pipe.vae_scale_factor), "temporal_factor": 1, "latent_channels": int(vae.config.z_dim)}
-    else:
-        vae_figures = {
-            "spatial_factor": 2 ** (len(vae.config.block_out_channels) - 1),
-            "temporal_factor": int(getattr(vae.config, "temporal_compression_ratio", 1) or 1),
-            "latent_channels": int(vae.config.latent_channels),
-        }
     return {
         "transformer": figures,
         "text": {"tokens": int(tokens), "hidden": int(text_hidden), "joins_attention": family in ("sd3", "flux", "cogvideox", "qwen-image"), "encoders": encoders},
-        "vae": {"params": _params(vae), **vae_figures},
+        "vae": {
+            "params": _params(vae),
+            # The pipeline's own factor (CogVideoX names it apart); Qwen-Image's VAE calls its channels z_dim.
+            "spatial_factor": int(getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor),
+            "temporal_factor": int(getattr(vae.config, "temporal_compression_ratio", 1) or 1),
+            "latent_channels": int(getattr(vae.config, "latent_channels", None) or vae.config.z_dim),
+        },
         "token_grid": list(job.token_grid),
     }
 
