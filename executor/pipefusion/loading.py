@@ -35,6 +35,18 @@ def _non_persistent_buffers(model: nn.Module) -> list[str]:
     return names
 
 
+def _tensor_attributes_on_meta(model: nn.Module) -> list[tuple[str, str]]:
+    """(module, attribute) of plain tensor attributes left on the meta device: tables a module keeps
+    outside its parameters and buffers (Qwen-Image's rotary frequencies)."""
+    return [(module_name, attr) for module_name, module in model.named_modules()
+            for attr, value in vars(module).items() if isinstance(value, torch.Tensor) and value.is_meta]
+
+
+def _in_block_zero(name: str) -> str:
+    """The same name in block 0 of its block list (what a block holds apart from weights is the same in every block)."""
+    return re.sub(rf"^({'|'.join(_BLOCK_LISTS)})\.\d+(\.|$)", r"\1.0\2", name)
+
+
 def load_stage_transformer(folder: str | Path, family: str, stage: int, stages: int, subfolder: str = "transformer") -> nn.Module:
     """The transformer of the pipeline saved in `folder`, holding only PipeFusion stage `stage` of `stages`."""
     import diffusers
@@ -54,14 +66,15 @@ def load_stage_transformer(folder: str | Path, family: str, stage: int, stages: 
     model.to_empty(device="cpu")
 
     missing_buffers = _non_persistent_buffers(model)
-    if missing_buffers:
+    missing_tables = _tensor_attributes_on_meta(model)
+    if missing_buffers or missing_tables:
         small = cls.from_config({**config, **_ONE_BLOCK.get(family, {"num_layers": 1})})
         for name in missing_buffers:
-            # Buffers inside a block are the same in every block: take block 0's.
-            source = re.sub(rf"^({'|'.join(_BLOCK_LISTS)})\.\d+\.", r"\1.0.", name)
             owner, _, leaf = name.rpartition(".")
             target = model.get_submodule(owner) if owner else model
-            target._buffers[leaf] = small.get_buffer(source).clone()
+            target._buffers[leaf] = small.get_buffer(_in_block_zero(name)).clone()
+        for owner, leaf in missing_tables:
+            setattr(model.get_submodule(owner), leaf, getattr(small.get_submodule(_in_block_zero(owner)), leaf).clone())
 
     wanted = set(model.state_dict().keys())
     tensors: dict[str, torch.Tensor] = {}
@@ -78,6 +91,7 @@ def load_stage_transformer(folder: str | Path, family: str, stage: int, stages: 
         raise DitplanError(f"PipeFusion: the checkpoint in {path} lacks {len(absent)} tensors this stage needs, e.g. {absent[:3]}.")
     model.load_state_dict(tensors, strict=True, assign=True)
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    leftover += [f"{owner}.{leaf}" for owner, leaf in _tensor_attributes_on_meta(model)]
     if leftover:
         raise RuntimeError(f"stage loading left tensors unmaterialised: {leftover[:5]}")
     return model.eval()

@@ -11,7 +11,7 @@ from executor.pipefusion.loading import load_stage_transformer
 from executor.pipefusion.partition import parameter_count
 
 MODELS = {"tiny-pixart-alpha": "pixart", "tiny-sd3-medium": "sd3", "tiny-flux-dev": "flux", "tiny-hunyuan-dit": "hunyuan",
-          "tiny-cogvideox-2b": "cogvideox", "tiny-latte": "latte"}
+          "tiny-cogvideox-2b": "cogvideox", "tiny-latte": "latte", "tiny-qwen-image": "qwen-image"}
 
 
 @pytest.mark.timeout(120)
@@ -30,6 +30,10 @@ def test_stage_holds_exactly_its_tensors_from_the_checkpoint(model_id: str, tmp_
         model = load_stage_transformer(tmp_path, MODELS[model_id], stage, 2)
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         assert tensors and all(not t.is_meta for t in tensors.values())
+        for owner, module in model.named_modules():
+            for name, value in vars(module).items():
+                if isinstance(value, torch.Tensor):  # a table kept outside the state dict (Qwen-Image's rotary frequencies)
+                    assert torch.equal(value, vars(full.get_submodule(owner))[name]), f"{owner}.{name}"
         for name, tensor in tensors.items():
             assert torch.equal(tensor, full_tensors[name]), name
         assert parameter_count(model) < parameter_count(full)
