@@ -1,4 +1,4 @@
-"""Tiny random-weight pipelines of the six DiT families, built offline from configs.
+"""Tiny random-weight pipelines of the executor's DiT families, built offline from configs.
 
 Each `profiles/models/tiny-<id>.yaml` carries a `build:` mapping (the recipe: diffusers/transformers
 class names and config kwargs of every component) next to the cost-model figures of the result.
