@@ -230,6 +230,8 @@ def decode_problems(config: ParallelConfig, adapter: Any, job: Any) -> list[str]
     factor = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor  # CogVideoX names it apart
     rows = job.height // factor
     problems = []
+    if adapter.strip_decode_problem is not None:
+        problems.append(f"vae={config.vae}: {adapter.strip_decode_problem}; use vae=1")
     if rows < config.vae:
         problems.append(f"vae={config.vae} but the latent has {rows} rows ({job.height} px / {factor}); "
                         "each decode rank needs at least one")

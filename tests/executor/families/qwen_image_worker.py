@@ -34,7 +34,9 @@ CHECKS: list[tuple[str, float | None, tuple[int, int] | None]] = [
     ("ulysses=2,patches=2,warmup=1", NO_CFG, (2, 1)),
     (f"cfg=2,patches=2,warmup={STEPS}", None, None),
 ]
-REFUSED = "pipefusion=2,patches=2,warmup=1"  # with CFG: the branches' text lengths differ
+# Plans refused on every rank alike before any step: PipeFusion with both guidance branches on a rank
+# (their text lengths differ), and decoding in strips (the VAE cannot).
+REFUSED = ("pipefusion=2,patches=2,warmup=1", "ulysses=2,vae=2")
 
 
 def name_of(plan: str, guidance: float | None) -> str:
@@ -95,12 +97,16 @@ def main() -> int:
             results[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc(limit=8)}
             if not isinstance(error, DitplanError):
                 break
-    try:
-        parallel = parallelize(build_tiny_pipeline("tiny-qwen-image"), plan=REFUSED, show_progress=False)
-        parallel(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=SEED, output_type="latent")
-        results["refusal"] = {"error": "not refused"}
-    except DitplanError as error:
-        results["refusal"] = {"message": str(error)}
+    for plan in REFUSED:
+        try:
+            parallel = parallelize(build_tiny_pipeline("tiny-qwen-image"), plan=plan, show_progress=False)
+            try:
+                parallel(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=SEED)
+            finally:
+                parallel.close()
+            results[f"refusal|{plan}"] = {"error": "not refused"}
+        except DitplanError as error:
+            results[f"refusal|{plan}"] = {"message": str(error)}
     (result_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     return 0
 

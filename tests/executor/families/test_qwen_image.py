@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from executor_spawn import assert_follows_nccl_rules, recorded_communication, run_ranks  # noqa: E402
-from qwen_image_worker import CHECKS, name_of  # noqa: E402
+from qwen_image_worker import CHECKS, REFUSED, name_of  # noqa: E402
 
 LATENT_TOLERANCE = 1e-4
 PIXEL_TOLERANCE = 1.0  # one 8-bit level
@@ -85,11 +85,12 @@ def test_two_rank_plan_matches_the_one_process_loop(two_ranks, name):
 
 
 @pytest.mark.timeout(600)
-def test_pipefusion_with_both_guidance_branches_on_a_rank_is_refused_alike(two_ranks):
-    messages = [two_ranks[rank]["refusal"] for rank in (0, 1)]
+@pytest.mark.parametrize("plan, words", list(zip(REFUSED, [("different token lengths", "cfg=2"), ("row strips", "vae=1")])))
+def test_what_cannot_run_is_refused_alike_on_both_ranks(two_ranks, plan, words):
+    messages = [two_ranks[rank][f"refusal|{plan}"] for rank in (0, 1)]
     assert all("message" in m for m in messages), messages
     assert messages[0] == messages[1]
-    assert "cfg=2" in messages[0]["message"] and "different token lengths" in messages[0]["message"]
+    assert all(word in messages[0]["message"] for word in words), messages[0]
 
 
 @pytest.mark.timeout(600)
