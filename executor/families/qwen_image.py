@@ -12,11 +12,14 @@ diffusers' attention honours that mask, the split-sequence paths refuse it in wo
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from costmodel.errors import DitplanError
 from executor.families.base import DenoiseJob, FamilyAdapter, GenerationRequest
@@ -234,6 +237,26 @@ def install_sequence_parallel(transformer: nn.Module, shard: SequenceShard, hand
 # PipeFusion
 
 
+class _EmptyStripReshape(TorchFunctionMode):
+    """For one block call on an empty text strip (more patches than text tokens): Qwen-Image's rotary
+    embedding reshapes the strip's queries and keys with x.reshape(*x.shape[:-1], -1, 2), which torch
+    cannot infer for zero elements; here the -1 is the size the leading dimensions leave, as for any
+    non-empty strip. Scoped to that call; everything else passes through."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.reshape and args[0].numel() == 0:
+            tensor, *shape = args
+            shape = list(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else list(shape)
+            if -1 in shape:
+                at = shape.index(-1)
+                trailing = math.prod(shape[at + 1:])
+                if tuple(shape[:at]) == tuple(tensor.shape[:at]) and math.prod(tensor.shape[at:]) % trailing == 0:
+                    shape[at] = math.prod(tensor.shape[at:]) // trailing
+            return func(tensor, shape, **kwargs)
+        return func(*args, **kwargs)
+
+
 class QwenImageStages(StagedTransformer):
     """One unit per dual-stream block; the text stream travels with the patches in strips."""
 
@@ -291,10 +314,11 @@ class QwenImageStages(StagedTransformer):
         image_freqs, text_freqs = cond["rotary"]
         rotary = (image_freqs if index is None else take_tokens(image_freqs, index, dim=0),
                   text_freqs if text_index is None else text_freqs[text_index])
-        text, hidden = self.transformer.transformer_blocks[unit](
-            hidden_states=carry["hidden"], encoder_hidden_states=carry["text"], encoder_hidden_states_mask=None,
-            temb=cond["temb"], image_rotary_emb=rotary, joint_attention_kwargs=None,
-        )
+        with _EmptyStripReshape() if carry["text"].shape[1] == 0 else contextlib.nullcontext():
+            text, hidden = self.transformer.transformer_blocks[unit](
+                hidden_states=carry["hidden"], encoder_hidden_states=carry["text"], encoder_hidden_states_mask=None,
+                temb=cond["temb"], image_rotary_emb=rotary, joint_attention_kwargs=None,
+            )
         return {"hidden": hidden, "text": text}
 
     def head(self, carry: Carry, cond: Cond, layout: PatchLayout, patch: int | None, gather: Gather = None) -> torch.Tensor:
