@@ -1,7 +1,7 @@
 """`python -m executor` / `ditplan run`: check the plan, then run the workers under torchrun.
 
 Everything that can be refused is refused here, once, before any process starts: bad flags, a
-model id that names no pipeline, a plan whose GPU count is not --nproc, a plan for another model,
+model id that names no pipeline, a model of a family the executor does not run, a plan whose GPU count is not --nproc, a plan for another model,
 a flag that contradicts the plan file, a plan the model's profile rules out, an output folder that
 holds something else or cannot be written. The plan file is the contract: its model, sizes and
 steps are what runs. The workers (executor.worker) check again against the loaded transformer, on
@@ -17,6 +17,7 @@ then prints one line and exits 128 + the signal number; --out is left as it was.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -65,6 +66,23 @@ def model_profile(model: str) -> Any:
     return None
 
 
+def check_family(model: str, spec: Any) -> None:
+    """Refuse a model of a family the executor does not run (its profile's family, or a pipeline
+    folder's pipeline class), naming the family and the families it runs."""
+    from executor.families import declaration, pipeline_declaration
+
+    if spec is not None:
+        declaration(spec.family, subject=f"--model {model}")
+        return
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        try:
+            pipeline_class = json.loads(index.read_text()).get("_class_name", "")
+        except (json.JSONDecodeError, AttributeError):
+            raise DitplanError(f"--model {model}: {index} is not a diffusers pipeline index (JSON with _class_name).") from None
+        pipeline_declaration(pipeline_class, subject=f"--model {model}")
+
+
 def _follow_plan_file(args: argparse.Namespace, plan: Any) -> None:
     """The plan is the contract: its sizes and steps run. A flag may repeat them, never change them."""
     for key in ("height", "width", "frames", "steps"):
@@ -94,6 +112,7 @@ def resolve_run_plan(args: argparse.Namespace) -> tuple[ParallelConfig, Placemen
     if args.model is None:
         raise DitplanError("--model is required unless --plan is a plan file (which names its model).")
     spec = model_profile(args.model)
+    check_family(args.model, spec)
     prompts = len(args.prompt) if args.prompt else 1
     if args.plan == "auto" and spec is None:
         raise DitplanError(f"--plan auto: {args.model!r} has no model profile to plan with; give a configuration instead.")
