@@ -46,18 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_profile(model: str) -> Any:
     """The cost-model profile of the pipeline `--model` names (tiny ids and YAML recipes), None for a
-    pipeline folder or a Hugging Face id; refuses an id that names no pipeline, listing the tiny ones."""
+    pipeline folder or a Hugging Face id; refuses an id that names no pipeline, listing the tiny ones,
+    and a model of a family the executor does not run."""
     from costmodel.specs import list_models, load_model
 
     if Path(model).is_dir():
+        check_family(model, None)
         return None
     if model.endswith((".yaml", ".yml")):
-        return load_model(model)
+        spec = load_model(model)
+        check_family(model, spec)
+        return spec
     known = list_models()
     tiny = ", ".join(name for name in known if name.startswith("tiny-"))
-    if model in known and model.startswith("tiny-"):
-        return load_model(model)
     if model in known:
+        spec = load_model(model)
+        check_family(model, spec)  # no pipeline of it would run either
+        if model.startswith("tiny-"):
+            return spec
         raise DitplanError(f"--model {model}: this is a cost-model profile, not a pipeline to load; give its "
                            f"pipeline folder or Hugging Face id (owner/name), or a tiny model ({tiny}).")
     if model.startswith(("tiny-", "/", ".", "~")) or model.count("/") != 1:
@@ -112,7 +118,6 @@ def resolve_run_plan(args: argparse.Namespace) -> tuple[ParallelConfig, Placemen
     if args.model is None:
         raise DitplanError("--model is required unless --plan is a plan file (which names its model).")
     spec = model_profile(args.model)
-    check_family(args.model, spec)
     prompts = len(args.prompt) if args.prompt else 1
     if args.plan == "auto" and spec is None:
         raise DitplanError(f"--plan auto: {args.model!r} has no model profile to plan with; give a configuration instead.")

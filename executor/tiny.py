@@ -86,6 +86,14 @@ def tiny_ids() -> tuple[str, ...]:
     return tuple(ids)
 
 
+def tiny_model_per_family() -> dict[str, str]:
+    """Executor family -> its first tiny model by id (tiny-pixart-alpha before tiny-pixart-sigma)."""
+    models: dict[str, str] = {}
+    for model_id in tiny_ids():
+        models.setdefault(load_tiny_spec(model_id)["family"], model_id)
+    return models
+
+
 def derive_spec(
     base_id: str, new_id: str, transformer: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
 ) -> dict[str, Any]:
