@@ -324,14 +324,15 @@ class TinyTransformer:
     make_scheduler: Callable[[], Any]
     guided: bool = True
     latent_kwarg: str = "hidden_states"
-    # The transformer's timestep per scheduler timestep (Flux takes sigma = t / 1000).
-    timestep_scale: float = 1.0
+    # The transformer takes the scheduler's timestep divided by this (Flux: sigma = t / 1000).
+    timestep_divisor: float = 1.0
 
     def timestep(self, t: float | Sequence[float], batch: int | None = None) -> torch.Tensor:
         """The timestep tensor of one call: scheduler timestep `t` for every row, or one per row."""
         rows = batch if batch is not None else self.latents.shape[0]
         values = [float(v) for v in t] if isinstance(t, Sequence) else [float(t)] * rows
-        return torch.tensor(values, dtype=torch.float32) * self.timestep_scale
+        timesteps = torch.tensor(values, dtype=torch.float32)
+        return timesteps if self.timestep_divisor == 1.0 else timesteps / self.timestep_divisor
 
     def call_kwargs(self, t: float | Sequence[float] = (500.0, 250.0)) -> dict[str, Any]:
         """Every keyword argument of `model(**kwargs)` on the latents at scheduler timestep(s) `t`."""

@@ -205,7 +205,7 @@ def tiny_transformer(seed: int = 0, batch: int = 2, rows: int = 16, cols: int = 
     inputs = {"encoder_hidden_states": rand.text(batch), "pooled_projections": rand.randn(batch, POOLED_DIM),
               "txt_ids": torch.zeros(TEXT_TOKENS, 3), "img_ids": image_ids.reshape(-1, 3), "guidance": torch.full((batch,), 3.5)}
     return TinyTransformer(rand.finish(model), latents, inputs, FlowMatchEulerDiscreteScheduler, guided=False,
-                           timestep_scale=1 / 1000)
+                           timestep_divisor=1000.0)
 
 
 def describe_blocks(transformer: nn.Module) -> BlockDescription:
