@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
 from costmodel.files import check_output, check_output_folder
@@ -56,6 +58,10 @@ def model_profile(model: str) -> Any:
     if model.endswith((".yaml", ".yml")):
         spec = load_model(model)
         check_family(model, spec)
+        if "build" not in (yaml.safe_load(Path(model).read_text()) or {}):
+            raise DitplanError(f"--model {model}: this YAML is a cost-model profile without a build: recipe, not a "
+                               "pipeline to load; give the model's pipeline folder or Hugging Face id (owner/name), or "
+                               "a tiny model's YAML.")
         return spec
     known = list_models()
     tiny = ", ".join(name for name in known if name.startswith("tiny-"))
