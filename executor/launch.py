@@ -1,11 +1,11 @@
 """`python -m executor` / `ditplan run`: check the plan, then run the workers under torchrun.
 
 Everything that can be refused is refused here, once, before any process starts: bad flags, a
-model id that names no pipeline, a model of a family the executor does not run, a plan whose GPU count is not --nproc, a plan for another model,
-a flag that contradicts the plan file, a plan the model's profile rules out, an output folder that
-holds something else or cannot be written. The plan file is the contract: its model, sizes and
-steps are what runs. The workers (executor.worker) check again against the loaded transformer, on
-every rank, before any collective. One process runs in this process; more run under
+model id that names no pipeline, a model of a family the executor does not run, a plan whose GPU
+count is not --nproc, a plan for another model, a flag that contradicts the plan file, a plan the
+model's profile rules out, an output folder that holds something else or cannot be written. The
+plan file is the contract: its model, sizes and steps are what runs. The workers (executor.worker)
+check again against the loaded transformer, on every rank, before any collective. One process runs in this process; more run under
 torch.distributed.run (--standalone on one node; with --nnodes, torchrun's static rendezvous at
 --rdzv-endpoint, so --node-rank fixes which global ranks live on which node), which stops every
 rank as soon as one fails.

@@ -48,6 +48,11 @@ class SequenceParallelHandle:
 
     _transformer: torch.nn.Module | None = None
 
+    @property
+    def layers(self) -> list[torch.nn.Module]:
+        """The attention layers that run an SP processor."""
+        return [module for module, _ in self._processors]
+
     def add_hook(self, hook: Any) -> None:
         """Keep a registered hook (a torch RemovableHandle) so that `remove()` removes it."""
         self._hooks.append(hook)

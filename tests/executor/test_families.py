@@ -79,8 +79,8 @@ def test_tiny_transformer_matches_its_stages_sp_installer_and_block_description(
     handle = SequenceParallelHandle(SequenceShard(None, None))
     family.install_sequence_parallel(model, handle.shard, handle)
     try:
-        installed = {id(module) for module, _ in handle._processors}
-        assert all(isinstance(module.processor, family.sp_processor) for module, _ in handle._processors)
+        installed = {id(module) for module in handle.layers}
+        assert installed and all(isinstance(module.processor, family.sp_processor) for module in handle.layers)
         assert installed == {id(module) for module, _ in stages.stale_layers(range(stages.unit_count()))}
     finally:
         handle.remove()
