@@ -34,6 +34,8 @@ def test_every_module_declares_one_cost_model_family():
         assert isinstance(family, Family)
         assert family.name in specs.FAMILIES, f"{module}: {family.name!r} is not a cost-model family"
         assert DECLARATIONS[family.name] is family
+    pipelines = [pipeline for family in DECLARATIONS.values() for pipeline in family.pipelines]
+    assert len(set(pipelines)) == len(pipelines), "a pipeline class is declared by two families"
 
 
 @pytest.mark.parametrize("name", FAMILIES)
