@@ -22,13 +22,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from costmodel.errors import DitplanError
-from executor.families.base import DenoiseJob, FamilyAdapter, GenerationRequest
+from executor.families.base import BlockDescription, DenoiseJob, Family, FamilyAdapter, GenerationRequest, TinyTransformer
+from executor.families.tiny_parts import TEXT_DIM, TinyRandom
 from executor.pipefusion.layout import PatchLayout, take_tokens
-from executor.pipefusion.stages import Carry, Cond, Gather, StagedTransformer, TokenIndex, _gathered
+from executor.pipefusion.stages import Carry, Cond, Gather, StagedTransformer, TokenIndex, gathered
 from executor.pipefusion.stale_kv import TextPosition
+from executor.sp import SequenceParallelHandle, install_processor, split_tokens
 from executor.sp.processors import SequenceShard, _SequenceParallelProcessor, _refuse_mask, _tokens_first
-
-FAMILY_NAME = "qwen-image"
 
 
 def _refuse_variant(config: Any) -> None:
@@ -57,7 +57,7 @@ def _common_length(mask: torch.Tensor) -> int | None:
 
 
 class QwenImageAdapter(FamilyAdapter):
-    family = FAMILY_NAME
+    family = "qwen-image"
     latent_layout = "BSC"
     strip_decode_problem = ("the Qwen-Image VAE cannot decode in row strips: its causal 3-D convolutions pad inside their "
                             "forward and its mid-block attention projects with one 1x1 convolution, neither of which the "
@@ -204,15 +204,13 @@ class QwenImageAttentionProcessor(_SequenceParallelProcessor):
         return out, attn.to_add_out(_tokens_first(text_out).to(query.dtype).contiguous())
 
 
-def install_sequence_parallel(transformer: nn.Module, shard: SequenceShard, handle: Any) -> None:
+def install_sequence_parallel(transformer: nn.Module, shard: SequenceShard, handle: SequenceParallelHandle) -> None:
     """Split the image tokens after `img_in` and the image rows of the rotary table `pos_embed` computes;
     the text stream stays whole on every rank (its attention output is the same on all of them)."""
-    from executor.sp import _install, _split_tokens
-
     _refuse_variant(transformer.config)
     processor = QwenImageAttentionProcessor(shard)
     for block in transformer.transformer_blocks:
-        _install(handle, block.attn, processor)
+        install_processor(handle, block.attn, processor)
 
     def unpadded_text(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         # Before the first block: every rank sees the same inputs, so all refuse alike.
@@ -228,9 +226,9 @@ def install_sequence_parallel(transformer: nn.Module, shard: SequenceShard, hand
         image_freqs, text_freqs = output
         return image_freqs[shard.start : shard.stop], text_freqs
 
-    handle._hooks.append(transformer.register_forward_pre_hook(unpadded_text, with_kwargs=True))
-    handle._hooks.append(transformer.img_in.register_forward_hook(_split_tokens(shard)))
-    handle._hooks.append(transformer.pos_embed.register_forward_hook(my_image_rows))
+    handle.add_hook(transformer.register_forward_pre_hook(unpadded_text, with_kwargs=True))
+    handle.add_hook(transformer.img_in.register_forward_hook(split_tokens(shard)))
+    handle.add_hook(transformer.pos_embed.register_forward_hook(my_image_rows))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,7 +258,7 @@ class _EmptyStripReshape(TorchFunctionMode):
 class QwenImageStages(StagedTransformer):
     """One unit per dual-stream block; the text stream travels with the patches in strips."""
 
-    family = FAMILY_NAME
+    family = "qwen-image"
     carries_text = True
     first_stage_attrs = ("img_in", "txt_norm", "txt_in")
     last_stage_attrs = ("norm_out", "proj_out")
@@ -323,7 +321,7 @@ class QwenImageStages(StagedTransformer):
 
     def head(self, carry: Carry, cond: Cond, layout: PatchLayout, patch: int | None, gather: Gather = None) -> torch.Tensor:
         t = self.transformer
-        return _gathered(t.proj_out(t.norm_out(carry["hidden"], cond["temb"])), gather)
+        return gathered(t.proj_out(t.norm_out(carry["hidden"], cond["temb"])), gather)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,32 +329,43 @@ class QwenImageStages(StagedTransformer):
 
 
 def tiny_transformer(seed: int = 0, batch: int = 2, rows: int = 16, cols: int = 16, layers: int = 4, heads: int = 4,
-                     head_dim: int = 16, text_tokens: int = 6, text_dim: int = 16) -> tuple[nn.Module, torch.Tensor, dict[str, Any]]:
-    """(a seeded QwenImageTransformer2DModel in eval mode, packed latents for a `rows` x `cols` latent,
-    its keyword arguments besides the latents and the timestep)."""
-    from diffusers import QwenImageTransformer2DModel
+                     head_dim: int = 8) -> TinyTransformer:
+    """A seeded tiny Qwen-Image transformer with packed latents of (rows/2) x (cols/2) tokens and
+    their image shape; the guidance rows share one text length (no padding mask)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed + 1)
     frame_axis = 2 * (head_dim // 8)  # three even rotary axes (frame, row, column) that fill head_dim
     row_axis = 2 * ((head_dim - frame_axis) // 4)
-    rope = (frame_axis, row_axis, head_dim - frame_axis - row_axis)
     model = QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=layers, attention_head_dim=head_dim,
-        num_attention_heads=heads, joint_attention_dim=text_dim, axes_dims_rope=rope,
+        num_attention_heads=heads, joint_attention_dim=TEXT_DIM, axes_dims_rope=(frame_axis, row_axis, head_dim - frame_axis - row_axis),
     )
-    with torch.no_grad():  # non-zero output head and modulation, so every part of the model shows in the output
-        for param in model.parameters():
-            if torch.count_nonzero(param) == 0:
-                param.normal_(0, 0.05, generator=generator)
-    r, c = rows // 2, cols // 2
-    latents = torch.randn(batch, r * c, 64, generator=generator)
-    kwargs = {"encoder_hidden_states": torch.randn(batch, text_tokens, text_dim, generator=generator),
-              "encoder_hidden_states_mask": None, "img_shapes": [[(1, r, c)]]}
-    return model.eval(), latents, kwargs
+    rand = TinyRandom(seed)
+    token_rows, token_cols = rows // 2, cols // 2
+    latents = rand.randn(batch, token_rows * token_cols, 64)
+    inputs = {"encoder_hidden_states": rand.text(batch), "encoder_hidden_states_mask": None,
+              "img_shapes": [[(1, token_rows, token_cols)]]}
+    return TinyTransformer(rand.finish(model), latents, inputs, FlowMatchEulerDiscreteScheduler, timestep_divisor=1000.0)
 
 
-def describe_blocks(transformer: nn.Module) -> tuple[list[dict[str, Any]], int]:
-    """The cost model's block groups of a built transformer and its MLP width."""
-    blocks = [{"kind": "joint", "count": int(transformer.config.num_layers)}]
-    return blocks, int(transformer.transformer_blocks[0].img_mlp.net[2].in_features)
+def describe_blocks(transformer: nn.Module) -> BlockDescription:
+    return BlockDescription(
+        blocks=[{"kind": "joint", "count": int(transformer.config.num_layers)}],
+        mlp_width=transformer.transformer_blocks[0].img_mlp.net[2].in_features,
+        # 2x2 latent pixels packed into one token by the pipeline.
+        figures={"in_channels": int(transformer.config.in_channels) // 4},
+    )
+
+
+FAMILY = Family(
+    name="qwen-image",
+    pipelines={"QwenImagePipeline": "qwen-image"},
+    adapter=QwenImageAdapter,
+    install_sequence_parallel=install_sequence_parallel,
+    sp_processor=QwenImageAttentionProcessor,
+    stages=QwenImageStages,
+    tiny_transformer=tiny_transformer,
+    describe_blocks=describe_blocks,
+    joins_attention=True,
+)

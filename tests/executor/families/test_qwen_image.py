@@ -1,8 +1,9 @@
-"""Qwen-Image in the executor: the tiny model's text template, the guidance arithmetic, every parallel
-method on two ranks against the one-process loop, `ditplan run`, and the cost model reading the
-tiny YAML. (The serial loop against the pipeline's own call, and the YAML's figures against the
-built modules, are checked with every tiny model in tests/executor/test_serial_loop.py and
-test_tiny_pipelines.py.)"""
+"""Qwen-Image in the executor: the tiny model's text template, the guidance arithmetic, PipeFusion
+(alone, with Ulysses, with CFG halves) on two ranks against the one-process loop and what it
+refuses, `ditplan run`, and the cost model reading the tiny YAML. The serial loop against the
+pipeline's own call, the YAML's figures, CFG, data and sequence parallelism run with every family's
+tiny model (tests/executor/test_serial_loop.py, test_tiny_pipelines.py, test_parallel_pipelines.py,
+test_families.py)."""
 from __future__ import annotations
 
 import json
