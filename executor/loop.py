@@ -1,7 +1,8 @@
 """The denoising loop of every configuration: `executor.steps.run_steps` around one step program.
 
 How a step is computed:
-* serial: every branch in one transformer batch, as the diffusers pipeline does;
+* serial: every branch in one transformer batch, as the diffusers pipeline does (one call per branch
+  where the pipeline makes one, `FamilyAdapter.batches_branches`);
 * CFG parallel (cfg=2): rank with cfg coordinate c runs branch c only ("uncond" on 0, "cond" on 1);
   one all-gather of the noise prediction per step, then identical guidance and scheduler step on
   both ranks, so their latents stay bit-identical;
@@ -52,7 +53,11 @@ def _batch_steps(job: DenoiseJob, adapter: FamilyAdapter, config: ParallelConfig
     branches = (job.branches[groups.coordinate("cfg")],) if config.cfg == 2 else job.branches
     latents = job.latents
     for step_index, t in enumerate(job.timesteps):
-        output = adapter.transformer(**adapter.transformer_kwargs(job, latents, t, branches))[0]
+        if adapter.batches_branches:
+            output = adapter.transformer(**adapter.transformer_kwargs(job, latents, t, branches))[0]
+        else:
+            output = torch.cat([adapter.transformer(**adapter.transformer_kwargs(job, latents, t, (branch,)))[0]
+                                for branch in branches])
         noise = adapter.noise_prediction(job, output)
         if config.cfg == 2:
             uncond, cond = gather_cfg_halves(noise, cfg_group)  # one all-gather per step

@@ -30,7 +30,7 @@ from executor.vae import decode as decode_in_strips
 _DEFAULT_MODEL_IDS = {
     "PixArtAlphaPipeline": "pixart-alpha", "PixArtSigmaPipeline": "pixart-sigma",
     "StableDiffusion3Pipeline": "sd3-medium", "HunyuanDiTPipeline": "hunyuan-dit",
-    "CogVideoXPipeline": "cogvideox-2b", "LattePipeline": "latte",
+    "CogVideoXPipeline": "cogvideox-2b", "LattePipeline": "latte", "WanPipeline": "wan2.1-t2v-1.3b",
 }
 
 

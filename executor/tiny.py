@@ -29,7 +29,7 @@ from costmodel.errors import DitplanError
 MODELS_DIR = Path(__file__).resolve().parent.parent / "profiles" / "models"
 TINY_IDS: tuple[str, ...] = (
     "tiny-pixart-alpha", "tiny-pixart-sigma", "tiny-sd3-medium", "tiny-flux-dev", "tiny-flux-schnell",
-    "tiny-hunyuan-dit", "tiny-cogvideox-2b", "tiny-latte",
+    "tiny-hunyuan-dit", "tiny-cogvideox-2b", "tiny-latte", "tiny-wan2.1",
 )
 
 # Words the tiny tokenizers know as whole tokens; anything else falls back to single characters.
@@ -46,6 +46,7 @@ _TEXT_CONFIGS = {
     "CLIPTextModel": "CLIPTextConfig",
     "CLIPTextModelWithProjection": "CLIPTextConfig",
     "BertModel": "BertConfig",
+    "UMT5EncoderModel": "UMT5Config",
 }
 
 
@@ -257,6 +258,10 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
     elif family == "latte":
         figures["blocks"] = [{"kind": "cross", "count": 1}, {"kind": "temporal", "count": 1}] * int(cfg.num_layers)
         mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
+    elif family == "wan":
+        from executor.families.wan import describe_blocks
+
+        figures["blocks"], mlp = describe_blocks(pipe.transformer)
     elif family == "hunyuan":
         figures["blocks"] = [{"kind": "cross", "count": int(cfg.num_layers)}]
         hidden = int(cfg.hidden_size)
@@ -265,6 +270,8 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
     else:
         figures["blocks"] = [{"kind": "cross", "count": int(cfg.num_layers)}]
         mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
+    if isinstance(cfg.patch_size, (list, tuple)):  # a 3-D patch: (frames, rows, columns)
+        figures["temporal_patch_size"], figures["patch_size"] = int(cfg.patch_size[0]), int(cfg.patch_size[1])
     figures.setdefault("patch_size", int(cfg.patch_size))
     figures.setdefault("in_channels", int(cfg.in_channels))
     figures["mlp_ratio"] = float(mlp) / hidden
@@ -290,15 +297,18 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
         module = getattr(pipe, name, None)
         if module is not None:
             encoders.append({"name": f"tiny-{type(module).__name__}", "params": _params(module)})
-    vae = pipe.vae
+    vae = pipe.vae.config
+    # AutoencoderKL-style configs count up-blocks and name latent channels; Wan's names its factors and z_dim.
+    spatial = getattr(vae, "scale_factor_spatial", None) or 2 ** (len(vae.block_out_channels) - 1)
+    temporal = getattr(vae, "scale_factor_temporal", None) or getattr(vae, "temporal_compression_ratio", 1) or 1
     return {
         "transformer": figures,
         "text": {"tokens": int(tokens), "hidden": int(text_hidden), "joins_attention": family in ("sd3", "flux", "cogvideox"), "encoders": encoders},
         "vae": {
-            "params": _params(vae),
-            "spatial_factor": 2 ** (len(vae.config.block_out_channels) - 1),
-            "temporal_factor": int(getattr(vae.config, "temporal_compression_ratio", 1) or 1),
-            "latent_channels": int(vae.config.latent_channels),
+            "params": _params(pipe.vae),
+            "spatial_factor": int(spatial),
+            "temporal_factor": int(temporal),
+            "latent_channels": int(getattr(vae, "latent_channels", None) or vae.z_dim),
         },
         "token_grid": list(job.token_grid),
     }

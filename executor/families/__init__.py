@@ -15,6 +15,7 @@ from executor.families.hunyuan import HunyuanAdapter
 from executor.families.latte import LatteAdapter
 from executor.families.pixart import PixArtAdapter
 from executor.families.sd3 import SD3Adapter
+from executor.families.wan import WanAdapter
 
 # diffusers pipeline class name -> adapter.
 _BY_PIPELINE: dict[str, type[FamilyAdapter]] = {
@@ -25,8 +26,9 @@ _BY_PIPELINE: dict[str, type[FamilyAdapter]] = {
     "HunyuanDiTPipeline": HunyuanAdapter,
     "CogVideoXPipeline": CogVideoXAdapter,
     "LattePipeline": LatteAdapter,
+    "WanPipeline": WanAdapter,
 }
-FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
+FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte", "wan")
 
 
 def family_of_pipeline_class(name: str) -> str | None:

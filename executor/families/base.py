@@ -182,6 +182,9 @@ class FamilyAdapter:
     is_video: ClassVar[bool] = False
     # Branch inputs holding text states (their token counts add up to what the transformer sees).
     text_state_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+    # The pipeline runs its guidance branches in one transformer batch (else one call per branch,
+    # which the serial loop then does too: a batch of two moves the last bits of some kernels).
+    batches_branches: ClassVar[bool] = True
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe

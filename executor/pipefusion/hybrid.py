@@ -30,12 +30,14 @@ from executor.pipefusion.stale_kv import TextPosition
 
 
 def _processor_class(family: str) -> type:
+    from executor.families.wan import WanSequenceParallelProcessor
     from executor.sp import processors
 
     return {
         "pixart": processors.SelfAttentionProcessor, "hunyuan": processors.SelfAttentionProcessor,
         "latte": processors.SelfAttentionProcessor, "sd3": processors.JointAttentionProcessor,
         "flux": processors.FluxAttentionProcessor, "cogvideox": processors.CogVideoXAttentionProcessor,
+        "wan": WanSequenceParallelProcessor,
     }[family]
 
 

@@ -502,6 +502,10 @@ STAGES: dict[str, type[StagedTransformer]] = {
 
 
 def staged(transformer: nn.Module, family: str) -> StagedTransformer:
+    if family == "wan":
+        from executor.families.wan import WanStages
+
+        return WanStages(transformer)
     try:
         return STAGES[family](transformer)
     except KeyError:

@@ -37,7 +37,7 @@ from executor.sp.processors import (
     SequenceShard,
 )
 
-FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
+FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte", "wan")
 
 __all__ = ["FAMILIES", "SequenceParallelHandle", "SequenceShard", "enable_sequence_parallel", "sequence_parallel_attention"]
 
@@ -92,7 +92,12 @@ def enable_sequence_parallel(
     try:
         # First pre-hook: sizes are checked before any other hook or layer communicates.
         handle._hooks.append(transformer.register_forward_pre_hook(_agree_on_inputs(shard), with_kwargs=True))
-        _INSTALLERS[family](transformer, shard, handle)
+        if family == "wan":
+            from executor.families.wan import install_sequence_parallel
+
+            install_sequence_parallel(transformer, shard, handle)
+        else:
+            _INSTALLERS[family](transformer, shard, handle)
         handle._hooks.append(transformer.proj_out.register_forward_hook(_gather_tokens(shard)))
     except BaseException:
         handle.remove()

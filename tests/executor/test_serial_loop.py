@@ -29,7 +29,7 @@ def test_serial_loop_equals_the_pipeline_call(model_id):
     call = {"prompt": PROMPTS, "height": spec["default_height"], "width": spec["default_width"],
             "num_inference_steps": 3, "output_type": "latent"}
     frames = spec["default_frames"] if adapter.is_video else None
-    if spec["family"] == "cogvideox":
+    if spec["family"] in ("cogvideox", "wan"):
         call["num_frames"] = frames
     if spec["family"] == "latte":
         call["video_length"] = frames
