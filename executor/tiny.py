@@ -272,7 +272,8 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
         mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
     if isinstance(cfg.patch_size, (list, tuple)):  # a 3-D patch: (frames, rows, columns)
         figures["temporal_patch_size"], figures["patch_size"] = int(cfg.patch_size[0]), int(cfg.patch_size[1])
-    figures.setdefault("patch_size", int(cfg.patch_size))
+    elif "patch_size" not in figures:
+        figures["patch_size"] = int(cfg.patch_size)
     figures.setdefault("in_channels", int(cfg.in_channels))
     figures["mlp_ratio"] = float(mlp) / hidden
     figures["params"] = _params(pipe.transformer)

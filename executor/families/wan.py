@@ -102,6 +102,7 @@ class WanAdapter(FamilyAdapter):
     def model_input(self, job: DenoiseJob, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return latents.to(self.dtype)
 
+    @torch.no_grad()
     def decode(self, job: DenoiseJob, latents: torch.Tensor, output_type: str | None = None) -> Any:
         output_type = output_type or job.output_type
         if output_type == "latent":

@@ -59,6 +59,41 @@ def one_process_reference(pipe, plan: str):
         return job, latents, eight_bit(adapter.decode(job, latents, "np"))
 
 
+def run_once(parallel) -> None:
+    try:
+        parallel(prompt=PROMPTS[:1], num_inference_steps=1, seed=SEED, output_type="latent", **UNEVEN)
+    finally:
+        parallel.close()
+
+
+def uneven_transformer_call(pipe) -> None:
+    """The transformer itself under Ulysses 2 at the uneven size (what a model without a profile meets)."""
+    import torch.distributed as dist
+
+    from executor.families import GenerationRequest, adapter_for
+    from executor.sp import enable_sequence_parallel
+
+    adapter = adapter_for(pipe)
+    job = adapter.prepare(GenerationRequest(prompts=PROMPTS[:1], num_inference_steps=1, **UNEVEN,
+                                            generators=[torch.Generator().manual_seed(SEED)]))
+    handle = enable_sequence_parallel(pipe.transformer, "wan", dist.new_group([0, 1]), None)
+    try:
+        with torch.no_grad():
+            pipe.transformer(**adapter.transformer_kwargs(job, job.latents, job.timesteps[0], job.branches[-1:]))
+    finally:
+        handle.remove()
+
+
+def refusal(attempt) -> dict[str, str]:
+    from costmodel.errors import DitplanError
+
+    try:
+        attempt()
+    except DitplanError as error:
+        return {"message": str(error)}
+    return {"error": "not refused"}
+
+
 def main() -> int:
     result_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
@@ -89,15 +124,8 @@ def main() -> int:
             results[plan] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc(limit=8)}
             if not isinstance(error, DitplanError):
                 break
-    try:
-        parallel = parallelize(pipe, plan="ulysses=2", show_progress=False)
-        try:
-            parallel(prompt=PROMPTS[:1], num_inference_steps=1, seed=SEED, output_type="latent", **UNEVEN)
-            results["refusal|uneven tokens"] = {"error": "not refused"}
-        finally:
-            parallel.close()
-    except DitplanError as error:
-        results["refusal|uneven tokens"] = {"message": str(error)}
+    results["refusal|plan"] = refusal(lambda: run_once(parallelize(pipe, plan="ulysses=2", show_progress=False)))
+    results["refusal|transformer"] = refusal(lambda: uneven_transformer_call(pipe))
     (result_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     return 0
 
