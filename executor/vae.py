@@ -230,6 +230,8 @@ def decode_problems(config: ParallelConfig, adapter: Any, job: Any) -> list[str]
     factor = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor  # CogVideoX names it apart
     rows = job.height // factor
     problems = []
+    if not adapter.decodes_in_strips:
+        problems.append(f"vae={config.vae} but the {adapter.family} VAE decoder cannot run in row strips; use vae=1")
     if rows < config.vae:
         problems.append(f"vae={config.vae} but the latent has {rows} rows ({job.height} px / {factor}); "
                         "each decode rank needs at least one")

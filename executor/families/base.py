@@ -185,6 +185,8 @@ class FamilyAdapter:
     # The pipeline runs its guidance branches in one transformer batch (else one call per branch,
     # which the serial loop then does too: a batch of two moves the last bits of some kernels).
     batches_branches: ClassVar[bool] = True
+    # The VAE decoder can run in row strips over several ranks (executor.vae, vae > 1).
+    decodes_in_strips: ClassVar[bool] = True
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe

@@ -53,6 +53,9 @@ class WanAdapter(FamilyAdapter):
     latent_layout = "BCFHW"
     is_video = True
     batches_branches = False
+    # Its causal 3-D convolutions pad inside their forward and its attention is one fused convolution,
+    # which the row-strip decode (halo exchange per padded convolution) cannot see.
+    decodes_in_strips = False
 
     def __init__(self, pipe: Any) -> None:
         _refuse_unsupported(pipe)

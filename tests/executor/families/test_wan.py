@@ -65,9 +65,10 @@ def test_every_plan_follows_nccl_rules(two_ranks):
 
 
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("what, words", [("two experts", "two experts"), ("expand_timesteps", "expand_timesteps")])
-def test_other_wan_pipelines_are_refused_in_words(two_ranks, what, words):
-    # Wan 2.2 A14B (a high- and a low-noise transformer) and TI2V (a timestep per token).
+@pytest.mark.parametrize("what, words", [("two experts", "two experts"), ("expand_timesteps", "expand_timesteps"),
+                                         ("vae strips", "VAE decoder cannot run in row strips")])
+def test_what_the_executor_cannot_run_is_refused_in_words(two_ranks, what, words):
+    # Wan 2.2 A14B (a high- and a low-noise transformer), TI2V (a timestep per token), a decode in row strips.
     message = two_ranks[0][f"refusal|{what}"]
     assert words in message.get("message", ""), message
 

@@ -68,9 +68,9 @@ def run_one_process(pipe, reference):
         return job, latents, eight_bit(adapter.decode(job, latents, "np"))
 
 
-def run_once(parallel) -> None:
+def run_once(parallel, sizes: dict[str, int]) -> None:
     try:
-        parallel(prompt=PROMPTS[:1], num_inference_steps=1, seed=SEED, output_type="latent", **UNEVEN)
+        parallel(prompt=PROMPTS[:1], num_inference_steps=1, seed=SEED, output_type="np", **sizes)
     finally:
         parallel.close()
 
@@ -144,7 +144,8 @@ def main() -> int:
             results[plan] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc(limit=8)}
             if not isinstance(error, DitplanError):
                 break
-    results["refusal|plan"] = refusal(lambda: run_once(parallelize(pipe, plan="ulysses=2", show_progress=False)))
+    results["refusal|plan"] = refusal(lambda: run_once(parallelize(pipe, plan="ulysses=2", show_progress=False), UNEVEN))
+    results["refusal|vae strips"] = refusal(lambda: run_once(parallelize(pipe, plan="ulysses=2,vae=2", show_progress=False), size()))
     results["refusal|transformer"] = refusal(lambda: uneven_transformer_call(pipe))
     results["refusal|two experts"] = refusal(lambda: other_wan_pipeline(pipe, transformer_2=pipe.transformer, boundary_ratio=0.875))
     results["refusal|expand_timesteps"] = refusal(lambda: other_wan_pipeline(pipe, expand_timesteps=True))
