@@ -55,6 +55,7 @@ FAMILIES = {
 FAMILIES["hunyuan"] = ("tiny-hunyuan-dit", "tiny-hunyuan-dit-fidelity",
                        {"num_attention_heads": 6, "attention_head_dim": 64, "hidden_size": 384, "sample_size": 64,
                         "num_layers": 4})
+STOLEN_NOTICE = 0.05  # a median steal share above this makes the wall-clock errors a measure of the host, not the model
 SHORT_STEPS = 3  # the --compute-split run: past PipeFusion's warmup (<= 2 here), start-up cost the same
 SIZE = {"default_height": 512, "default_width": 512, "default_steps": 6}
 
@@ -92,9 +93,10 @@ class Row:
     predicted_comm_s: float
     step_median_s: float
     load: float  # 1-minute load average when the run started (other processes sharing the cores)
+    stolen: float = 0.0  # share of the machine's CPU time the hypervisor took during the run (steal)
     cpu_per_step_s: float = math.nan  # measured CPU seconds per step and process (--compute-split)
     predicted_cpu_per_step_s: float = math.nan
-    # Each rank's measured totals from run.json (`per_rank[i]`: compute_s, communication_s, waiting_s),
+    # Each rank's measured totals from run.json (`per_rank[i]["timeline"]`: compute_s, communication_s, waiting_s),
     # averaged over ranks; NaN where the run did not record them.
     measured_parts: dict[str, float] | None = None
     predicted_waiting_s: float = 0.0
@@ -178,8 +180,10 @@ COMPONENTS = ("compute_s", "communication_s", "waiting_s")
 
 
 def measured_parts(record: dict) -> dict[str, float] | None:
-    """The mean over ranks of each component run.json's per-rank records carry (None without them)."""
-    ranks = [entry for entry in record.get("per_rank") or [] if isinstance(entry, dict)]
+    """The mean over ranks of each component of run.json's per-rank timeline totals (written with
+    `ditplan run --trace`; None without them)."""
+    ranks = [entry.get("timeline") for entry in record.get("per_rank") or [] if isinstance(entry, dict)]
+    ranks = [entry for entry in ranks if isinstance(entry, dict)]
     if not ranks or not all(all(key in entry for key in COMPONENTS) for entry in ranks):
         return None
     return {key: statistics.fmean(float(entry[key]) for entry in ranks) for key in COMPONENTS}
@@ -190,7 +194,8 @@ def measure(model: Path, config: str, nproc: int, out: Path, steps: int) -> tupl
     per-component totals or None) of one real run, or the refusal text."""
     cpu_before = children_cpu_seconds()
     done = run_command([*DITPLAN, "run", "--model", str(model), "--plan", config, "--nproc", str(nproc),
-                        "--out", str(out), "--steps", str(steps), "--seed", "0"], timeout=600)
+                        "--out", str(out), "--steps", str(steps), "--seed", "0", "--trace", str(out) + ".trace.json"],
+                       timeout=600)
     if done.returncode != 0:
         lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if "error" in line.lower()]
         return (lines or (done.stderr or done.stdout).strip().splitlines() or ["failed"])[-1]
@@ -257,9 +262,10 @@ def summary(rows: list[Row]) -> dict[str, float]:
 
 
 def print_table(rows: list[Row], skipped: list[tuple[str, str, str]]) -> None:
-    headers = ("family", "config", "procs", "measured_s", "predicted_s", "error", "pred. comm share", "load")
+    headers = ("family", "config", "procs", "measured_s", "predicted_s", "error", "pred. comm share", "load", "stolen")
     table = [(r.family, r.config, str(r.nproc), f"{r.measured_s:.3f}", f"{r.predicted_s:.3f}", f"{r.error * 100:+.1f} %",
-              f"{r.predicted_comm_s / r.predicted_s * 100:.0f} %" if r.predicted_s else "-", f"{r.load:.1f}") for r in rows]
+              f"{r.predicted_comm_s / r.predicted_s * 100:.0f} %" if r.predicted_s else "-", f"{r.load:.1f}",
+              f"{r.stolen * 100:.0f} %") for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
     print("  ".join("-" * w for w in widths))
@@ -274,12 +280,23 @@ def write_csv(path: Path, rows: list[Row]) -> None:
         writer = csv.writer(handle)
         writer.writerow(["family", "config", "nproc", "measured_s", "predicted_s", "error",
                          "predicted_compute_s", "predicted_comm_s", "measured_step_median_s", "load_average",
-                         "cpu_per_step_s", "predicted_cpu_per_step_s"])
+                         "cpu_per_step_s", "predicted_cpu_per_step_s", "stolen_share"])
         for r in rows:
             writer.writerow([r.family, r.config, r.nproc, f"{r.measured_s:.6f}", f"{r.predicted_s:.6f}",
                              f"{r.error:.4f}", f"{r.predicted_compute_s:.6f}", f"{r.predicted_comm_s:.6f}",
                              f"{r.step_median_s:.6f}", f"{r.load:.2f}", f"{r.cpu_per_step_s:.6f}",
-                             f"{r.predicted_cpu_per_step_s:.6f}"])
+                             f"{r.predicted_cpu_per_step_s:.6f}", f"{r.stolen:.3f}"])
+
+
+def stolen_seconds() -> float:
+    """CPU seconds the hypervisor has taken from this virtual machine since boot (the `steal` column
+    of /proc/stat; 0 where the kernel does not report it). On a shared host a run's wall-clock time
+    grows by what is stolen, which no profile of this machine's rates can predict."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return float(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+    except (OSError, ValueError):
+        return 0.0
 
 
 def load_average() -> str:
@@ -331,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         for config, nproc in configs:
             name = f"{family}-{config.replace('=', '').replace(',', '-')}"
             load = os.getloadavg()[0]
+            stolen_before, wall_before = stolen_seconds(), time.perf_counter()
             result = measure(models[family], config, nproc, work / "runs" / name, args.steps)
+            stolen = (stolen_seconds() - stolen_before) / ((time.perf_counter() - wall_before) * (os.cpu_count() or 1))
             if isinstance(result, str):
                 skipped.append((family, config, result))
                 print(f"  {family:7s} {config:40s} skipped: {result}", flush=True)
@@ -342,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             comm = breakdown.get("communication_s", 0.0)
             waiting = breakdown.get("bubble_s", 0.0)
             row = Row(family, config, nproc, loop_s, predicted["latency_s"], predicted["latency_s"] - comm - waiting, comm,
-                      step_s, load, measured_parts=parts, predicted_waiting_s=waiting)
+                      step_s, load, stolen, measured_parts=parts, predicted_waiting_s=waiting)
             if args.compute_split:
                 short = measure(models[family], config, nproc, work / "runs" / f"{name}-short", SHORT_STEPS)
                 if not isinstance(short, str):
@@ -385,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     if split:
         print(f"compute per step (CPU time)   median {statistics.median(split) * 100:.1f} %, worst {max(split) * 100:.1f} % "
               f"over {len(split)} configurations")
+    stolen = statistics.median(row.stolen for row in rows)
+    if stolen > STOLEN_NOTICE:
+        print(f"note: the hypervisor took a median {stolen * 100:.0f} % of this machine's CPU time during the runs (steal); "
+              "wall-clock times are inflated by it against a profile of the CPU's own rates: rerun when the host is quiet "
+              "before judging the errors")
     print(f"profile {profile}; load average at end: {load_average()}; {time.time() - started:.0f} s in all")
     if args.csv:
         write_csv(args.csv, rows)

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "executor" / "multinode"))
 
+from fidelity import STOLEN_NOTICE, stolen_seconds  # noqa: E402  (this folder, first on sys.path)
 from jobs import ditplan_run_argv, endpoint, start_job, wait_job  # noqa: E402
 from netns import TwoNodeNetwork, Unavailable  # noqa: E402
 
@@ -67,6 +68,7 @@ class Row:
     predicted_s: float
     predicted_comm_s: float
     load: float
+    stolen: float  # share of the machine's CPU time the hypervisor took during the run
 
     @property
     def error(self) -> float:
@@ -145,9 +147,11 @@ def run_rate(rate: str, model: Path, work: Path, bar) -> tuple[list[Row], str]:
         for config in CONFIGS:
             bar.set_description(f"{rate}: {config}")
             load = os.getloadavg()[0]
+            stolen_before, wall_before = stolen_seconds(), time.perf_counter()
             measured = measure(network, model, config, folder / config.replace(",", "_").replace("=", ""))
+            stolen = (stolen_seconds() - stolen_before) / ((time.perf_counter() - wall_before) * (os.cpu_count() or 1))
             predicted, comm = predict(model, cluster, config)
-            rows.append(Row(rate, config, measured, predicted, comm, load))
+            rows.append(Row(rate, config, measured, predicted, comm, load, stolen))
             bar.update()
     return rows, link_line(cluster)
 
@@ -165,10 +169,10 @@ def report(rows_by_rate: dict[str, list[Row]], links: dict[str, str], command: s
              f"# model {MODEL[1]} ({MODEL[3]['default_height']}x{MODEL[3]['default_width']}, {STEPS} steps)"]
     for rate, rows in rows_by_rate.items():
         lines += ["", f"link: {rate}; {links[rate]}",
-                  f"{'config':<34}{'measured_s':>11}{'predicted_s':>12}{'error':>9}{'pred. comm':>11}{'load':>6}"]
+                  f"{'config':<34}{'measured_s':>11}{'predicted_s':>12}{'error':>9}{'pred. comm':>11}{'load':>6}{'stolen':>8}"]
         for r in rows:
             lines.append(f"{r.config:<34}{r.measured_s:>11.3f}{r.predicted_s:>12.3f}{r.error * 100:>+8.1f}%"
-                         f"{r.predicted_comm_s / r.predicted_s * 100:>10.0f}%{r.load:>6.1f}")
+                         f"{r.predicted_comm_s / r.predicted_s * 100:>10.0f}%{r.load:>6.1f}{r.stolen * 100:>7.0f}%")
         median = statistics.median(abs(r.error) for r in rows)
         same = fastest(rows, "measured_s") == fastest(rows, "predicted_s")
         lines += [f"median absolute error     {median * 100:.1f} %   (target <= 15 %)",
@@ -182,6 +186,10 @@ def report(rows_by_rate: dict[str, list[Row]], links: dict[str, str], command: s
         lines += ["", f"note: the load average during the runs (mean {statistics.mean(loads):.1f}) exceeded this machine's "
                       f"{os.cpu_count()} CPUs: other processes shared the cores, so the measured times are inflated "
                       "against a profile of best rates; rerun on a quiet machine before judging the errors"]
+    stolen = statistics.median(r.stolen for rows in rows_by_rate.values() for r in rows)
+    if stolen > STOLEN_NOTICE:
+        lines += ["", f"note: the hypervisor took a median {stolen * 100:.0f} % of this machine's CPU time during the runs "
+                      "(steal): the measured times are inflated by it; rerun when the host is quiet before judging the errors"]
     if len(rows_by_rate) > 1:
         lines += ["", "crossover (fastest method splitting one image, SP vs PipeFusion): " + "; ".join(
             f"{rate}: measured {fastest(rows, 'measured_s', True).split(',')[0]}, predicted "
@@ -224,11 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         args.results.with_suffix(".txt").write_text("\n".join(lines) + "\n")
         with args.results.with_suffix(".csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["link", "config", "measured_s", "predicted_s", "error", "predicted_comm_s", "load"])
+            writer.writerow(["link", "config", "measured_s", "predicted_s", "error", "predicted_comm_s", "load",
+                             "stolen_share"])
             for rows in rows_by_rate.values():
                 for r in rows:
                     writer.writerow([r.rate, r.config, f"{r.measured_s:.4f}", f"{r.predicted_s:.4f}", f"{r.error:.4f}",
-                                     f"{r.predicted_comm_s:.4f}", f"{r.load:.2f}"])
+                                     f"{r.predicted_comm_s:.4f}", f"{r.load:.2f}", f"{r.stolen:.3f}"])
         print(f"written to {args.results.with_suffix('.txt')} and .csv")
     return 0
 

@@ -17,6 +17,8 @@ from the Jacobian at the solution. The rows' cluster column decides which cluste
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
@@ -322,31 +324,61 @@ def _traffic(rows: list[dict[str, Any]], start: Cluster) -> tuple[list[str], set
 
 
 def leave_one_scenario_out(rows: list[dict[str, str]], clusters: list[str] | None = None,
-                           bases: dict[str, Cluster] | None = None) -> list[dict[str, Any]]:
+                           bases: dict[str, Cluster] | None = None, progress: bool | None = None) -> list[dict[str, Any]]:
     """For each scenario: calibrate without its rows, predict them. One dict per predicted row.
 
     Only the constants the held-out rows bear on are refitted: those of its cluster and of the other
-    clusters with the same GPU type; everything else would come out as in the full fit.
+    clusters with the same GPU type; everything else would come out as in the full fit. The folds are
+    independent fits, run in parallel on the machine's cores; `progress` shows a bar on stderr (None:
+    where stderr is a terminal).
     """
-    from costmodel.validation import prediction_parts, published_latency
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
 
-    out: list[dict[str, Any]] = []
     bases = bases if bases is not None else {}
     names = clusters if clusters is not None else sorted({row["cluster"] for row in rows})
     scenarios = list(dict.fromkeys(row["scenario"] for row in rows if row["cluster"] in names))
-    for scenario in scenarios:
-        held = [row for row in rows if row["scenario"] == scenario]
-        gpu_types = {_base(bases, row["cluster"]).hardware.id for row in held}
-        affected = [name for name in names if _base(bases, name).hardware.id in gpu_types]
-        rest = [row for row in rows if row["scenario"] != scenario and row["cluster"] in affected]
-        calibration = _calibrate_or_priors(rest, affected, bases)
-        for row in held:
-            try:
-                predicted, _ = prediction_parts(row, calibration.cluster(row["cluster"], int(row["gpus"])))
-            except (DitplanError, ValueError):
-                continue
-            published = published_latency(row)
-            out.append({**row, "predicted_s": predicted, "error_pct": 100.0 * (predicted - published) / published})
+    folds = [(scenario, rows, names, bases) for scenario in scenarios]
+    workers = min(len(folds), os.cpu_count() or 1)
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty()):
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(folds), desc="cross-validating", unit="scenario", file=sys.stderr, leave=False)
+    # Forked workers inherit the loaded profiles; map keeps the scenarios' order.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
+    out: list[dict[str, Any]] = []
+    try:
+        for predicted in (pool.map(_fold, folds) if pool is not None else map(_fold, folds)):
+            out.extend(predicted)
+            if bar is not None:
+                bar.update()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _fold(fold: tuple[str, list[dict[str, str]], list[str], dict[str, Cluster]]) -> list[dict[str, Any]]:
+    """One scenario predicted by constants calibrated on the others (see `leave_one_scenario_out`)."""
+    from costmodel.validation import prediction_parts, published_latency
+
+    scenario, rows, names, bases = fold
+    held = [row for row in rows if row["scenario"] == scenario]
+    gpu_types = {_base(bases, row["cluster"]).hardware.id for row in held}
+    affected = [name for name in names if _base(bases, name).hardware.id in gpu_types]
+    rest = [row for row in rows if row["scenario"] != scenario and row["cluster"] in affected]
+    calibration = _calibrate_or_priors(rest, affected, bases)
+    out = []
+    for row in held:
+        try:
+            predicted, _ = prediction_parts(row, calibration.cluster(row["cluster"], int(row["gpus"])))
+        except (DitplanError, ValueError):
+            continue
+        published = published_latency(row)
+        out.append({**row, "predicted_s": predicted, "error_pct": 100.0 * (predicted - published) / published})
     return out
 
 

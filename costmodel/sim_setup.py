@@ -11,7 +11,7 @@ from costmodel.rules import ensure_valid_config
 from costmodel.specs import ModelSpec, load_model
 from costmodel.topology import Cluster, load_cluster
 
-# Families whose joint text the executor splits over the SP ranks (executor/sp, `_install_flux`) when
+# Families whose joint text the executor splits over the SP ranks (executor/families/flux.py) when
 # the text token count divides by sp and there is no PipeFusion; the others keep it whole per rank.
 TEXT_SPLIT_FAMILIES = ("flux",)
 

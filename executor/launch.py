@@ -1,11 +1,11 @@
 """`python -m executor` / `ditplan run`: check the plan, then run the workers under torchrun.
 
 Everything that can be refused is refused here, once, before any process starts: bad flags, a
-model id that names no pipeline, a plan whose GPU count is not --nproc, a plan for another model,
-a flag that contradicts the plan file, a plan the model's profile rules out, an output folder that
-holds something else or cannot be written. The plan file is the contract: its model, sizes and
-steps are what runs. The workers (executor.worker) check again against the loaded transformer, on
-every rank, before any collective. One process runs in this process; more run under
+model id that names no pipeline, a model of a family the executor does not run, a plan whose GPU
+count is not --nproc, a plan for another model, a flag that contradicts the plan file, a plan the
+model's profile rules out, an output folder that holds something else or cannot be written. The
+plan file is the contract: its model, sizes and steps are what runs. The workers (executor.worker)
+check again against the loaded transformer, on every rank, before any collective. One process runs in this process; more run under
 torch.distributed.run (--standalone on one node; with --nnodes, torchrun's static rendezvous at
 --rdzv-endpoint, so --node-rank fixes which global ranks live on which node), which stops every
 rank as soon as one fails.
@@ -17,6 +17,7 @@ then prints one line and exits 128 + the signal number; --out is left as it was.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -24,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
@@ -45,24 +48,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_profile(model: str) -> Any:
     """The cost-model profile of the pipeline `--model` names (tiny ids and YAML recipes), None for a
-    pipeline folder or a Hugging Face id; refuses an id that names no pipeline, listing the tiny ones."""
+    pipeline folder or a Hugging Face id; refuses an id that names no pipeline, listing the tiny ones,
+    and a model of a family the executor does not run."""
     from costmodel.specs import list_models, load_model
 
     if Path(model).is_dir():
+        check_family(model, None)
         return None
     if model.endswith((".yaml", ".yml")):
-        return load_model(model)
+        spec = load_model(model)
+        check_family(model, spec)
+        if "build" not in (yaml.safe_load(Path(model).read_text()) or {}):
+            raise DitplanError(f"--model {model}: this YAML is a cost-model profile without a build: recipe, not a "
+                               "pipeline to load; give the model's pipeline folder or Hugging Face id (owner/name), or "
+                               "a tiny model's YAML.")
+        return spec
     known = list_models()
     tiny = ", ".join(name for name in known if name.startswith("tiny-"))
-    if model in known and model.startswith("tiny-"):
-        return load_model(model)
     if model in known:
+        spec = load_model(model)
+        check_family(model, spec)  # no pipeline of it would run either
+        if model.startswith("tiny-"):
+            return spec
         raise DitplanError(f"--model {model}: this is a cost-model profile, not a pipeline to load; give its "
                            f"pipeline folder or Hugging Face id (owner/name), or a tiny model ({tiny}).")
     if model.startswith(("tiny-", "/", ".", "~")) or model.count("/") != 1:
         raise DitplanError(f"--model {model!r}: not a pipeline folder, a tiny model ({tiny}) or a Hugging Face "
                            "id (owner/name).")
     return None
+
+
+def check_family(model: str, spec: Any) -> None:
+    """Refuse a model of a family the executor does not run (its profile's family, or a pipeline
+    folder's pipeline class), naming the family and the families it runs."""
+    from executor.families import declaration, pipeline_declaration
+
+    if spec is not None:
+        declaration(spec.family, subject=f"--model {model}")
+        return
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        try:
+            pipeline_class = json.loads(index.read_text()).get("_class_name", "")
+        except (json.JSONDecodeError, AttributeError):
+            raise DitplanError(f"--model {model}: {index} is not a diffusers pipeline index (JSON with _class_name).") from None
+        pipeline_declaration(pipeline_class, subject=f"--model {model}")
 
 
 def _follow_plan_file(args: argparse.Namespace, plan: Any) -> None:

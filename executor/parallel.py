@@ -18,20 +18,13 @@ import torch.distributed as dist
 from costmodel.config import ParallelConfig, Placement
 from costmodel.errors import DitplanError
 from executor.device import local_device, now, seconds_since
-from executor.families import FamilyAdapter, GenerationRequest, adapter_for
+from executor.families import FamilyAdapter, GenerationRequest, adapter_for, model_id_of_pipeline
 from executor.groups import ExecutorGroups, build_groups, init_distributed, launched_world_size
 from executor.loop import denoise
 from executor.pipefusion import prepare_stage, size_problems, stage_count_problems
 from executor.sp import enable_sequence_parallel
 from executor.vae import build_decode_group, decode_problems
 from executor.vae import decode as decode_in_strips
-
-# diffusers pipeline class -> the ditplan model id of its usual checkpoint (for plan="auto").
-_DEFAULT_MODEL_IDS = {
-    "PixArtAlphaPipeline": "pixart-alpha", "PixArtSigmaPipeline": "pixart-sigma",
-    "StableDiffusion3Pipeline": "sd3-medium", "HunyuanDiTPipeline": "hunyuan-dit",
-    "CogVideoXPipeline": "cogvideox-2b", "LattePipeline": "latte", "WanPipeline": "wan2.1-t2v-1.3b",
-}
 
 
 @dataclass
@@ -64,10 +57,7 @@ def model_id_of(pipe: Any) -> str | None:
     recorded = getattr(pipe, "ditplan_model_id", None)
     if recorded:
         return recorded
-    name = type(pipe).__name__
-    if name == "FluxPipeline":
-        return "flux-dev" if pipe.transformer.config.guidance_embeds else "flux-schnell"
-    return _DEFAULT_MODEL_IDS.get(name)
+    return model_id_of_pipeline(pipe)
 
 
 def model_problems(config: ParallelConfig, adapter: FamilyAdapter, model_id: str | None,
@@ -277,6 +267,17 @@ def _enable_sp(transformer: torch.nn.Module, family: str, groups: ExecutorGroups
     return enable_sequence_parallel(transformer, family, groups.group("ulysses"), groups.group("ring"))
 
 
+def _check_family(model_id: str | None) -> None:
+    """Refuse a model whose profile is of a family the executor does not run (before any process group)."""
+    if model_id is None:
+        return
+    from costmodel.specs import list_models, load_model
+    from executor.families import declaration
+
+    if model_id.endswith((".yaml", ".yml")) or model_id in list_models():
+        declaration(load_model(model_id).family, subject=f"model {model_id}")
+
+
 def parallelize(pipe: Any, plan: Any = "cfg=1", cluster: str | None = None, model: str | None = None,
                 backend: str | None = None, height: int | None = None, width: int | None = None,
                 frames: int | None = None, steps: int | None = None, show_progress: bool | None = None,
@@ -290,6 +291,8 @@ def parallelize(pipe: Any, plan: Any = "cfg=1", cluster: str | None = None, mode
     Refuses a plan whose GPU count is not the world size, or that the model cannot take, on every
     rank before any collective.
     """
+    _check_family(model or getattr(pipe, "ditplan_model_id", None))
+    adapter_for(pipe)  # refuses a pipeline class the executor does not run, by name
     world = launched_world_size()
     from planner.plan import resolve_plan
 

@@ -1,4 +1,4 @@
-"""Tiny random-weight pipelines of the six DiT families, built offline from configs.
+"""Tiny random-weight pipelines of the executor's DiT families, built offline from configs.
 
 Each `profiles/models/tiny-<id>.yaml` carries a `build:` mapping (the recipe: diffusers/transformers
 class names and config kwargs of every component) next to the cost-model figures of the result.
@@ -27,10 +27,8 @@ import yaml
 from costmodel.errors import DitplanError
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "profiles" / "models"
-TINY_IDS: tuple[str, ...] = (
-    "tiny-pixart-alpha", "tiny-pixart-sigma", "tiny-sd3-medium", "tiny-flux-dev", "tiny-flux-schnell",
-    "tiny-hunyuan-dit", "tiny-cogvideox-2b", "tiny-latte", "tiny-wan2.1",
-)
+# derive_spec's `source:` opening, which marks a heavier variant of another tiny recipe.
+DERIVED_FROM = "derived from "
 
 # Words the tiny tokenizers know as whole tokens; anything else falls back to single characters.
 _WORDS = (
@@ -76,6 +74,27 @@ def load_tiny_spec(model_id: str) -> dict[str, Any]:
     return spec
 
 
+def tiny_ids() -> tuple[str, ...]:
+    """The tiny models of the executor's families: every `tiny-*.yaml` recipe of a family the executor
+    declares, except the heavier variants `derive_spec` made of another recipe."""
+    from executor.families import FAMILIES
+
+    ids = []
+    for path in sorted(MODELS_DIR.glob("tiny-*.yaml")):
+        spec = yaml.safe_load(path.read_text()) or {}
+        if "build" in spec and spec.get("family") in FAMILIES and not str(spec.get("source", "")).startswith(DERIVED_FROM):
+            ids.append(path.stem)
+    return tuple(ids)
+
+
+def tiny_model_per_family() -> dict[str, str]:
+    """Executor family -> its first tiny model by id (tiny-pixart-alpha before tiny-pixart-sigma)."""
+    models: dict[str, str] = {}
+    for model_id in tiny_ids():
+        models.setdefault(load_tiny_spec(model_id)["family"], model_id)
+    return models
+
+
 def derive_spec(
     base_id: str, new_id: str, transformer: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -85,7 +104,7 @@ def derive_spec(
     """
     spec = copy.deepcopy(load_tiny_spec(base_id))
     spec["id"] = new_id
-    spec["source"] = f"derived from {base_id} with transformer overrides {dict(transformer or {})}"
+    spec["source"] = f"{DERIVED_FROM}{base_id} with transformer overrides {dict(transformer or {})}"
     spec["build"]["components"]["transformer"]["config"].update(transformer or {})
     for key, value in (defaults or {}).items():
         if key not in ("default_height", "default_width", "default_frames", "default_steps"):
@@ -231,55 +250,30 @@ def _params(module: Any) -> int:
     return int(sum(p.numel() for p in module.parameters())) if isinstance(module, torch.nn.Module) else 0
 
 
+def _spatial_patch(patch_size: Any) -> int:
+    """A config's spatial patch size: the number, or the rows' entry of a (frames, rows, cols) patch."""
+    return int(patch_size[1]) if isinstance(patch_size, (list, tuple)) else int(patch_size)
+
+
 def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
     """The cost-model fields of `spec` as the built `pipe` really has them.
 
     Text tokens are counted from a prepared job at the pipeline defaults (what the transformer sees).
     """
-    from executor.families import adapter_for
+    from executor.families import adapter_for, declaration
 
+    family = declaration(spec["family"])
     cfg = pipe.transformer.config
-    family = spec["family"]
     heads = int(cfg.num_attention_heads)
     head_dim = int(cfg.attention_head_dim)
-    hidden = heads * head_dim
-    figures: dict[str, Any] = {"hidden_size": hidden, "num_heads": heads, "head_dim": head_dim}
-    if family == "flux":
-        figures["blocks"] = [{"kind": "joint", "count": int(cfg.num_layers)}, {"kind": "single", "count": int(cfg.num_single_layers)}]
-        figures["patch_size"] = 2  # 2x2 latent pixels packed into one token by the pipeline
-        figures["in_channels"] = int(cfg.in_channels) // 4
-        mlp = pipe.transformer.single_transformer_blocks[0].proj_mlp.out_features
-    elif family == "sd3":
-        figures["blocks"] = [{"kind": "joint", "count": int(cfg.num_layers)}]
-        mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
-    elif family == "cogvideox":
-        figures["blocks"] = [{"kind": "single", "count": int(cfg.num_layers)}]
-        mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
-    elif family == "latte":
-        figures["blocks"] = [{"kind": "cross", "count": 1}, {"kind": "temporal", "count": 1}] * int(cfg.num_layers)
-        mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
-    elif family == "wan":
-        from executor.families.wan import describe_blocks
-
-        figures["blocks"], mlp = describe_blocks(pipe.transformer)
-    elif family == "hunyuan":
-        figures["blocks"] = [{"kind": "cross", "count": int(cfg.num_layers)}]
-        hidden = int(cfg.hidden_size)
-        figures["hidden_size"] = hidden
-        mlp = pipe.transformer.blocks[0].ff.net[2].in_features
-    else:
-        figures["blocks"] = [{"kind": "cross", "count": int(cfg.num_layers)}]
-        mlp = pipe.transformer.transformer_blocks[0].ff.net[2].in_features
-    if isinstance(cfg.patch_size, (list, tuple)):  # a 3-D patch: (frames, rows, columns)
-        figures["temporal_patch_size"], figures["patch_size"] = int(cfg.patch_size[0]), int(cfg.patch_size[1])
-    elif "patch_size" not in figures:
-        figures["patch_size"] = int(cfg.patch_size)
-    figures.setdefault("in_channels", int(cfg.in_channels))
-    figures["mlp_ratio"] = float(mlp) / hidden
+    description = family.describe_blocks(pipe.transformer)
+    figures: dict[str, Any] = {
+        "hidden_size": heads * head_dim, "num_heads": heads, "head_dim": head_dim, "blocks": description.blocks,
+        "patch_size": _spatial_patch(cfg.patch_size), "in_channels": int(cfg.in_channels), "skip_connections": False,
+        **description.figures,
+    }
+    figures["mlp_ratio"] = float(description.mlp_width) / figures["hidden_size"]
     figures["params"] = _params(pipe.transformer)
-    if family == "cogvideox":
-        figures["temporal_patch_size"] = int(cfg.patch_size_t or 1)
-    figures["skip_connections"] = family == "hunyuan"
 
     adapter = adapter_for(pipe)
     from executor.families.base import GenerationRequest
@@ -304,7 +298,7 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
     temporal = getattr(vae, "scale_factor_temporal", None) or getattr(vae, "temporal_compression_ratio", 1) or 1
     return {
         "transformer": figures,
-        "text": {"tokens": int(tokens), "hidden": int(text_hidden), "joins_attention": family in ("sd3", "flux", "cogvideox"), "encoders": encoders},
+        "text": {"tokens": int(tokens), "hidden": int(text_hidden), "joins_attention": family.joins_attention, "encoders": encoders},
         "vae": {
             "params": _params(pipe.vae),
             "spatial_factor": int(spatial),

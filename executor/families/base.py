@@ -30,9 +30,14 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 import torch
+
+if TYPE_CHECKING:  # the family modules import these; base.py stays importable on its own
+    from executor.pipefusion.stages import StagedTransformer
+    from executor.sp import SequenceParallelHandle
+    from executor.sp.processors import SequenceShard
 
 BRANCHES: tuple[str, ...] = ("uncond", "cond")
 
@@ -289,3 +294,95 @@ class FamilyAdapter:
     def decode(self, job: DenoiseJob, latents: torch.Tensor, output_type: str | None = None) -> Any:
         """Final latents -> images as the pipeline returns them ("latent" returns the latents)."""
         raise NotImplementedError
+
+
+# -- the family declaration ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockDescription:
+    """A built transformer's blocks in the cost model's terms (the figures a tiny model's YAML holds).
+
+    `blocks` are the cost model's block groups ([{"kind": "cross", "count": 4}, ...]); `mlp_width` the
+    MLP's inner width (the YAML's mlp_ratio is it over the hidden size); `figures` the `transformer:`
+    fields this family reads otherwise than from `num_attention_heads`, `attention_head_dim`,
+    `patch_size` and `in_channels` of the config (Flux packs 2x2 latent pixels per token, HunyuanDiT
+    has long skips, ...).
+    """
+
+    blocks: list[dict[str, Any]]
+    mlp_width: int
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TinyTransformer:
+    """A seeded tiny transformer of one family and inputs shaped as its pipeline passes them.
+
+    `latents` has `batch` rows; with `guided` (classifier-free guidance) they are the rows
+    [uncond, cond] of one sample, else independent samples. `inputs` holds every keyword argument of
+    a transformer call except the latents and the timestep. `make_scheduler()` gives a fresh
+    scheduler of the kind the family's pipeline uses.
+    """
+
+    model: torch.nn.Module
+    latents: torch.Tensor
+    inputs: dict[str, Any]
+    make_scheduler: Callable[[], Any]
+    guided: bool = True
+    latent_kwarg: str = "hidden_states"
+    # The transformer takes the scheduler's timestep divided by this (Flux: sigma = t / 1000).
+    timestep_divisor: float = 1.0
+
+    def timestep(self, t: float | Sequence[float], batch: int | None = None) -> torch.Tensor:
+        """The timestep tensor of one call: scheduler timestep `t` for every row, or one per row."""
+        rows = batch if batch is not None else self.latents.shape[0]
+        values = [float(v) for v in t] if isinstance(t, Sequence) else [float(t)] * rows
+        timesteps = torch.tensor(values, dtype=torch.float32)
+        return timesteps if self.timestep_divisor == 1.0 else timesteps / self.timestep_divisor
+
+    def call_kwargs(self, t: float | Sequence[float] = (500.0, 250.0)) -> dict[str, Any]:
+        """Every keyword argument of `model(**kwargs)` on the latents at scheduler timestep(s) `t`."""
+        return {self.latent_kwarg: self.latents, "timestep": self.timestep(t), **self.inputs, "return_dict": False}
+
+
+SequenceParallelInstaller = Callable[[torch.nn.Module, "SequenceShard", "SequenceParallelHandle"], None]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the executor knows about one DiT family, declared once in its module
+    (`executor/families/<module>.py` ends with `FAMILY = Family(...)`); every registry of the
+    executor is derived from these declarations (see `executor.families`).
+    """
+
+    # The cost model's family id (`costmodel.specs.FAMILIES`, a model YAML's `family:`).
+    name: str
+    # diffusers pipeline class name -> ditplan model id of its usual checkpoint (what plan="auto"
+    # plans for when the pipeline does not say which model it is).
+    pipelines: Mapping[str, str]
+    adapter: type[FamilyAdapter]
+    # (transformer, shard, handle) -> None: registers on `handle` the hooks that cut the family's
+    # tokens (and rotary tables) to this rank's share, and installs the SP attention processors.
+    install_sequence_parallel: SequenceParallelInstaller
+    # The SP attention processor class that PipeFusion x SP installs in a stage's stale-KV layers.
+    sp_processor: type
+    # The PipeFusion cutter: the transformer's forward piece by piece.
+    stages: type[StagedTransformer]
+    # tiny_transformer(seed=0, batch=2, rows=16, cols=16, layers=4, heads=4, head_dim=8): a seeded
+    # tiny transformer and matching inputs, for single-transformer tests (rows, cols: latent size).
+    tiny_transformer: Callable[..., TinyTransformer]
+    # Built transformer -> its blocks in the cost model's terms (the tiny YAMLs' figures).
+    describe_blocks: Callable[[torch.nn.Module], BlockDescription]
+    # Whether text tokens join the image tokens' self-attention (SD3, Flux, CogVideoX).
+    joins_attention: bool
+    # Transformer config overrides for the cheapest model with the same buffers (stage loading
+    # copies the non-persistent buffers from it): one block of each kind.
+    one_block_config: Mapping[str, Any] = field(default_factory=lambda: {"num_layers": 1})
+    # For a pipeline class whose checkpoints differ in configuration (Flux: dev embeds the guidance
+    # scale, schnell does not): loaded pipeline -> ditplan model id. None: `pipelines` says.
+    checkpoint_of: Callable[[Any], str] | None = None
+
+    def model_id_of(self, pipe: Any) -> str | None:
+        """The ditplan model id of a loaded pipeline of this family's usual checkpoint."""
+        if self.checkpoint_of is not None:
+            return self.checkpoint_of(pipe)
+        return self.pipelines.get(type(pipe).__name__)

@@ -4,8 +4,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
-from executor.families.base import DenoiseJob, FamilyAdapter, GenerationRequest
+from executor.families.base import BlockDescription, DenoiseJob, Family, FamilyAdapter, GenerationRequest, TinyTransformer
+from executor.families.tiny_parts import POOLED_DIM, TEXT_DIM, TinyRandom
+from executor.pipefusion.layout import PatchLayout
+from executor.pipefusion.stages import Carry, Cond, Gather, StagedTransformer, TokenIndex, gathered, unpatchify
+from executor.pipefusion.stale_kv import TextPosition
+from executor.sp import SequenceParallelHandle, install_processor, split_tokens
+from executor.sp.processors import JointAttentionProcessor, SequenceShard
 
 
 class SD3Adapter(FamilyAdapter):
@@ -54,3 +61,91 @@ class SD3Adapter(FamilyAdapter):
         vae = self.pipe.vae
         image = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def install_sequence_parallel(transformer: nn.Module, shard: SequenceShard, handle: SequenceParallelHandle) -> None:
+    """Image tokens are split after the patch embedding; the text joins every rank's attention whole."""
+    processor = JointAttentionProcessor(shard)
+    for block in transformer.transformer_blocks:
+        install_processor(handle, block.attn, processor)
+        if getattr(block, "attn2", None) is not None:  # SD3.5: a second, image-only self-attention
+            install_processor(handle, block.attn2, processor)
+    handle.add_hook(transformer.pos_embed.register_forward_hook(split_tokens(shard)))
+
+
+class SD3Stages(StagedTransformer):
+    family = "sd3"
+    carries_text = True
+    first_stage_attrs = ("pos_embed", "context_embedder")
+    last_stage_attrs = ("norm_out", "proj_out")
+
+    def unit_count(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    def unit_modules(self, unit: int) -> list[tuple[nn.ModuleList, int]]:
+        return [(self.transformer.transformer_blocks, unit)]
+
+    def stale_layers(self, units: range) -> list[tuple[nn.Module, TextPosition]]:
+        layers: list[tuple[nn.Module, TextPosition]] = []
+        for u in units:
+            block = self.transformer.transformer_blocks[u]
+            layers.append((block.attn, "last"))  # joint attention: image tokens first, then text
+            if getattr(block, "use_dual_attention", False):
+                layers.append((block.attn2, "none"))
+        return layers
+
+    def condition(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]) -> Cond:
+        text = kwargs["encoder_hidden_states"]
+        temb = self.transformer.time_text_embed(timestep, kwargs["pooled_projections"])
+        return {"temb": temb, "raw_text": text, "text_tokens": text.shape[1]}
+
+    def embed(self, latents: torch.Tensor, cond: Cond) -> Carry:
+        t = self.transformer
+        return {"hidden": t.pos_embed(latents).contiguous(), "text": t.context_embedder(cond["raw_text"])}
+
+    def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
+        block = self.transformer.transformer_blocks[unit]
+        text, hidden = block(hidden_states=carry["hidden"], encoder_hidden_states=carry["text"], temb=cond["temb"], joint_attention_kwargs=None)
+        return {"hidden": hidden} if text is None else {"hidden": hidden, "text": text}
+
+    def head(self, carry: Carry, cond: Cond, layout: PatchLayout, patch: int | None, gather: Gather = None) -> torch.Tensor:
+        t = self.transformer
+        hidden = gathered(t.proj_out(t.norm_out(carry["hidden"], cond["temb"])), gather)
+        return unpatchify(hidden, self._rows_of(layout, patch), layout.row_tokens, self.config.patch_size, t.out_channels)
+
+
+def tiny_transformer(seed: int = 0, batch: int = 2, rows: int = 16, cols: int = 16, layers: int = 4, heads: int = 4,
+                     head_dim: int = 8) -> TinyTransformer:
+    """A seeded tiny SD3 transformer: block 0 has SD3.5's extra image-only attention, the last block is
+    context_pre_only, and q/k are RMS-normed (rows, cols: the latent's size)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=rows, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=TEXT_DIM, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=POOLED_DIM, out_channels=4, pos_embed_max_size=max(rows, cols), dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    rand = TinyRandom(seed)
+    latents = rand.randn(batch, 4, rows, cols)
+    inputs = {"encoder_hidden_states": rand.text(batch), "pooled_projections": rand.randn(batch, POOLED_DIM)}
+    return TinyTransformer(rand.finish(model), latents, inputs, lambda: FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def describe_blocks(transformer: nn.Module) -> BlockDescription:
+    return BlockDescription(blocks=[{"kind": "joint", "count": int(transformer.config.num_layers)}],
+                            mlp_width=transformer.transformer_blocks[0].ff.net[2].in_features)
+
+
+FAMILY = Family(
+    name="sd3",
+    pipelines={"StableDiffusion3Pipeline": "sd3-medium"},
+    adapter=SD3Adapter,
+    install_sequence_parallel=install_sequence_parallel,
+    sp_processor=JointAttentionProcessor,
+    stages=SD3Stages,
+    tiny_transformer=tiny_transformer,
+    describe_blocks=describe_blocks,
+    joins_attention=True,
+)

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from costmodel.errors import DitplanError
-from executor.families.base import DenoiseJob, FamilyAdapter, GenerationRequest
+from executor.families.base import BlockDescription, DenoiseJob, Family, FamilyAdapter, GenerationRequest, TinyTransformer
+from executor.families.tiny_parts import TEXT_DIM, TinyRandom
 from executor.pipefusion.layout import PatchLayout
-from executor.pipefusion.stages import Carry, Cond, Gather, StagedTransformer, TokenIndex, _gathered, _rotary_rows
+from executor.pipefusion.stages import Carry, Cond, Gather, StagedTransformer, TokenIndex, gathered, rotary_rows
 from executor.pipefusion.stale_kv import TextPosition
-from executor.sp.processors import SequenceShard, _project_out, _refuse_mask, _SequenceParallelProcessor, _tokens_first
+from executor.sp import SequenceParallelHandle, install_processor
+from executor.sp.processors import SequenceShard, _project_out, _refuse_mask, _SequenceParallelProcessor
 
 
 def _refuse_unsupported(pipe: Any) -> None:
@@ -161,14 +163,12 @@ class WanSequenceParallelProcessor(_SequenceParallelProcessor):
         return _project_out(attn, out, query.dtype)
 
 
-def install_sequence_parallel(transformer: nn.Module, shard: SequenceShard, handle: Any) -> None:
+def install_sequence_parallel(transformer: nn.Module, shard: SequenceShard, handle: SequenceParallelHandle) -> None:
     """Hooks and processors that run a WanTransformer3DModel over this rank's share of the video tokens
     (the caller gathers the tokens at `proj_out`)."""
-    from executor.sp import _install
-
     processor = WanSequenceParallelProcessor(shard)
     for block in transformer.blocks:
-        _install(handle, block.attn1, processor)  # attn2 (cross-attention to the text) stays local
+        install_processor(handle, block.attn1, processor)  # attn2 (cross-attention to the text) stays local
 
     def cut_rotary(module, args, output):
         # rope(latents) -> (cos, sin), each [1, tokens, 1, head_dim]: keep this rank's rows.
@@ -237,20 +237,54 @@ class WanStages(StagedTransformer):
 
     def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
         block = self.transformer.blocks[unit]
-        return {"hidden": block(carry["hidden"], cond["text"], cond["modulation"], _rotary_rows(cond["rotary"], index))}
+        return {"hidden": block(carry["hidden"], cond["text"], cond["modulation"], rotary_rows(cond["rotary"], index))}
 
     def head(self, carry: Carry, cond: Cond, layout: PatchLayout, patch: int | None, gather: Gather = None) -> torch.Tensor:
         t = self.transformer
         hidden = carry["hidden"]
         shift, scale = (t.scale_shift_table + cond["temb"].unsqueeze(1)).chunk(2, dim=1)
         hidden = (t.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-        hidden = _gathered(t.proj_out(hidden), gather)
+        hidden = gathered(t.proj_out(hidden), gather)
         p_t, p_h, p_w = self.config.patch_size
         x = hidden.reshape(cond["batch"], cond["frames"] // p_t, self._rows_of(layout, patch), layout.row_tokens,
                            p_t, p_h, p_w, -1)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-def describe_blocks(transformer: nn.Module) -> tuple[list[dict[str, Any]], int]:
-    """The cost model's block groups of a built WanTransformer3DModel and its feed-forward width."""
-    return [{"kind": "cross", "count": len(transformer.blocks)}], int(transformer.blocks[0].ffn.net[2].in_features)
+def describe_blocks(transformer: nn.Module) -> BlockDescription:
+    return BlockDescription(blocks=[{"kind": "cross", "count": len(transformer.blocks)}],
+                            mlp_width=int(transformer.blocks[0].ffn.net[2].in_features),
+                            figures={"temporal_patch_size": int(transformer.config.patch_size[0])})
+
+
+def tiny_transformer(seed: int = 0, batch: int = 2, rows: int = 16, cols: int = 16, layers: int = 4, heads: int = 4,
+                     head_dim: int = 8) -> TinyTransformer:
+    """A seeded tiny Wan transformer over 2 latent frames (rows, cols: the latent's size); its rotary
+    table is its own, made inside `forward`."""
+    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=2 * heads * head_dim, num_layers=layers, rope_max_seq_len=64,
+    )
+    rand = TinyRandom(seed)
+    latents = rand.randn(batch, 4, 2, rows, cols)
+
+    def scheduler() -> Any:
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+    return TinyTransformer(rand.finish(model), latents, {"encoder_hidden_states": rand.text(batch)}, scheduler)
+
+
+FAMILY = Family(
+    name="wan",
+    pipelines={"WanPipeline": "wan2.1-t2v-1.3b"},
+    adapter=WanAdapter,
+    install_sequence_parallel=install_sequence_parallel,
+    sp_processor=WanSequenceParallelProcessor,
+    stages=WanStages,
+    tiny_transformer=tiny_transformer,
+    describe_blocks=describe_blocks,
+    joins_attention=False,
+)

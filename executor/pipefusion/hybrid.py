@@ -29,18 +29,6 @@ from executor.pipefusion.stages import StagedTransformer, TokenIndex
 from executor.pipefusion.stale_kv import TextPosition
 
 
-def _processor_class(family: str) -> type:
-    from executor.families.wan import WanSequenceParallelProcessor
-    from executor.sp import processors
-
-    return {
-        "pixart": processors.SelfAttentionProcessor, "hunyuan": processors.SelfAttentionProcessor,
-        "latte": processors.SelfAttentionProcessor, "sd3": processors.JointAttentionProcessor,
-        "flux": processors.FluxAttentionProcessor, "cogvideox": processors.CogVideoXAttentionProcessor,
-        "wan": WanSequenceParallelProcessor,
-    }[family]
-
-
 def _positions(index: slice | torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return torch.arange(index.start, index.stop, device=device) if isinstance(index, slice) else index
 
@@ -68,7 +56,9 @@ class SequenceInStage:
                     f"PipeFusion x Ulysses: attention layers with {module.heads} heads do not divide over ulysses={self.u}; "
                     "heads % ulysses must be 0."
                 )
-        processor = _processor_class(stages.family)(self.shard)
+        from executor.families import declaration
+
+        processor = declaration(stages.family).sp_processor(self.shard)
         for module in layers:
             self._originals.append((module, module.processor))
             module.processor = processor

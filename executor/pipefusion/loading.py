@@ -20,10 +20,6 @@ from torch import nn
 
 from costmodel.errors import DitplanError
 
-# Config overrides that keep one block of each kind (the cheapest model with the same buffers).
-_ONE_BLOCK = {
-    "flux": {"num_layers": 1, "num_single_layers": 1},
-}
 _BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "temporal_transformer_blocks", "blocks")
 
 
@@ -55,7 +51,10 @@ def load_stage_transformer(folder: str | Path, family: str, stage: int, stages: 
 
     missing_buffers = _non_persistent_buffers(model)
     if missing_buffers:
-        small = cls.from_config({**config, **_ONE_BLOCK.get(family, {"num_layers": 1})})
+        from executor.families import declaration
+
+        # The cheapest model with the same buffers: one block of each kind.
+        small = cls.from_config({**config, **declaration(family).one_block_config})
         for name in missing_buffers:
             # Buffers inside a block are the same in every block: take block 0's.
             source = re.sub(rf"^({'|'.join(_BLOCK_LISTS)})\.\d+\.", r"\1.0.", name)

@@ -1,4 +1,4 @@
-"""Sequence parallelism (Ulysses, Ring, USP) for the six DiT families, on an unmodified diffusers transformer.
+"""Sequence parallelism (Ulysses, Ring, USP) for the executor's DiT families, on an unmodified diffusers transformer.
 
 `enable_sequence_parallel(transformer, family, ulysses_group, ring_group)` makes one ordinary
 `transformer(**kwargs)` call, run on every rank of the SP group with the same inputs, return the
@@ -6,7 +6,7 @@ serial output on every rank while each rank computes only its share of the image
 
 * a forward hook on the patch embedding keeps this rank's chunk of the image tokens; joint-attention
   text tokens stay whole on every rank (SD3, CogVideoX), except Flux's, which are split like the
-  image tokens where their count divides (see `_install_flux`);
+  image tokens where their count divides (see `executor.families.flux`);
 * rotary tables are cut to the same tokens (a pre-hook on the transformer for tables passed in,
   a hook on Flux's position embedder for the one it computes);
 * SP attention processors replace the image self/joint attention processors; cross-attention to
@@ -15,7 +15,10 @@ serial output on every rank while each rank computes only its share of the image
 * a forward hook on the output projection `proj_out` (per token) all-gathers the sequence, so the
   unpatchify that follows sees every token.
 
-`handle.remove()` restores the original processors and removes the hooks.
+Where each family embeds its tokens and which of its attention layers see all of them is the
+family's `install_sequence_parallel` (in `executor/families/<family>.py`), built from the helpers
+here (`split_tokens`, `slice_rotary_argument`, `install_processor`). `handle.remove()` restores the
+original processors and removes the hooks.
 """
 from __future__ import annotations
 
@@ -29,17 +32,10 @@ from torch.distributed import ProcessGroup
 from costmodel.errors import DitplanError
 from executor.sp.attention import sequence_parallel_attention
 from executor.sp.comm import agree_shapes, all_gather_along, group_size
-from executor.sp.processors import (
-    CogVideoXAttentionProcessor,
-    FluxAttentionProcessor,
-    JointAttentionProcessor,
-    SelfAttentionProcessor,
-    SequenceShard,
-)
+from executor.sp.processors import SequenceShard
 
-FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte", "wan")
-
-__all__ = ["FAMILIES", "SequenceParallelHandle", "SequenceShard", "enable_sequence_parallel", "sequence_parallel_attention"]
+__all__ = ["SequenceParallelHandle", "SequenceShard", "enable_sequence_parallel", "install_processor",
+           "sequence_parallel_attention", "slice_rotary_argument", "split_tokens"]
 
 
 @dataclass
@@ -51,6 +47,15 @@ class SequenceParallelHandle:
     _processors: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)
 
     _transformer: torch.nn.Module | None = None
+
+    @property
+    def layers(self) -> list[torch.nn.Module]:
+        """The attention layers that run an SP processor."""
+        return [module for module, _ in self._processors]
+
+    def add_hook(self, hook: Any) -> None:
+        """Keep a registered hook (a torch RemovableHandle) so that `remove()` removes it."""
+        self._hooks.append(hook)
 
     def new_generation(self) -> None:
         """The next forward checks its input shapes across the group again (see `_agree_on_inputs`)."""
@@ -79,8 +84,9 @@ def enable_sequence_parallel(
     as `costmodel.config.Placement` builds them. Refuses (DitplanError) heads that do not divide over
     the Ulysses degree now, and token counts that do not divide over the SP degree at the first call.
     """
-    if family not in FAMILIES:
-        raise DitplanError(f"sequence parallelism: unknown family {family!r}; the families are {', '.join(FAMILIES)}.")
+    from executor.families import declaration
+
+    install = declaration(family).install_sequence_parallel
     shard = SequenceShard(ulysses_group, ring_group)
     handle = SequenceParallelHandle(shard)
     if shard.degree == 1:
@@ -92,12 +98,7 @@ def enable_sequence_parallel(
     try:
         # First pre-hook: sizes are checked before any other hook or layer communicates.
         handle._hooks.append(transformer.register_forward_pre_hook(_agree_on_inputs(shard), with_kwargs=True))
-        if family == "wan":
-            from executor.families.wan import install_sequence_parallel
-
-            install_sequence_parallel(transformer, shard, handle)
-        else:
-            _INSTALLERS[family](transformer, shard, handle)
+        install(transformer, shard, handle)
         handle._hooks.append(transformer.proj_out.register_forward_hook(_gather_tokens(shard)))
     except BaseException:
         handle.remove()
@@ -135,7 +136,7 @@ def _agree_on_inputs(shard: SequenceShard) -> Callable:
     return hook
 
 
-def _split_tokens(shard: SequenceShard, what: str = "image tokens") -> Callable:
+def split_tokens(shard: SequenceShard, what: str = "image tokens") -> Callable:
     """Forward hook on an embedding that emits [batch, tokens, hidden]: keep this rank's tokens."""
 
     def hook(module, args, output):
@@ -155,7 +156,7 @@ def _gather_tokens(shard: SequenceShard) -> Callable:
     return hook
 
 
-def _slice_rotary_argument(shard: SequenceShard, transformer: torch.nn.Module) -> Callable:
+def slice_rotary_argument(shard: SequenceShard, transformer: torch.nn.Module) -> Callable:
     """Pre-hook on the transformer: cut the `image_rotary_emb` the pipeline passes ((cos, sin), one row
     per image token) to this rank's tokens, leaving the call's other arguments as they were passed."""
     position = list(inspect.signature(transformer.forward).parameters).index("image_rotary_emb")
@@ -174,7 +175,9 @@ def _slice_rotary_argument(shard: SequenceShard, transformer: torch.nn.Module) -
     return hook
 
 
-def _install(handle: SequenceParallelHandle, module: torch.nn.Module, processor: Any) -> None:
+def install_processor(handle: SequenceParallelHandle, module: torch.nn.Module, processor: Any) -> None:
+    """Give attention layer `module` the SP `processor` (restored by `handle.remove()`); refuses a layer
+    whose heads do not divide over the Ulysses degree, or that normalises over the whole sequence."""
     heads = module.heads
     u = group_size(handle.shard.ulysses_group)
     if heads % u:
@@ -186,113 +189,3 @@ def _install(handle: SequenceParallelHandle, module: torch.nn.Module, processor:
         raise DitplanError("sequence parallelism: an attention layer normalises over the whole sequence (group/spatial norm); it cannot be split by tokens.")
     handle._processors.append((module, module.processor))
     module.set_processor(processor)
-
-
-# ---------------------------------------------------------------------------------------------------
-# One installer per family: where its tokens are embedded and which attention layers see all of them.
-
-
-def _install_pixart(transformer, shard, handle) -> None:
-    processor = SelfAttentionProcessor(shard)
-    for block in transformer.transformer_blocks:
-        _install(handle, block.attn1, processor)  # attn2 (cross-attention to text) stays local
-    handle._hooks.append(transformer.pos_embed.register_forward_hook(_split_tokens(shard)))
-
-
-def _install_sd3(transformer, shard, handle) -> None:
-    processor = JointAttentionProcessor(shard)
-    for block in transformer.transformer_blocks:
-        _install(handle, block.attn, processor)
-        if getattr(block, "attn2", None) is not None:  # SD3.5: a second, image-only self-attention
-            _install(handle, block.attn2, processor)
-    handle._hooks.append(transformer.pos_embed.register_forward_hook(_split_tokens(shard)))
-
-
-def _install_flux(transformer, shard, handle) -> None:
-    processor = FluxAttentionProcessor(shard)
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        _install(handle, block.attn, processor)
-    handle._hooks.append(transformer.x_embedder.register_forward_hook(_split_tokens(shard)))
-
-    def split_text(module, args, output):
-        # Flux's single-stream blocks run attention and MLP over [text; image]: a whole text stream on
-        # every rank repeats that work sp times (T = 512 against S/sp = 512 image tokens at 1024 px on
-        # 8 ranks), so the text is split like the image when its token count divides; else it stays whole.
-        text_tokens = output.shape[1]
-        shard.text_split = text_tokens % shard.degree == 0
-        if not shard.text_split:
-            shard.text_tokens, shard.text_rows = text_tokens, slice(0, text_tokens)
-            return output
-        per_rank = text_tokens // shard.degree
-        shard.text_tokens, shard.text_rows = per_rank, slice(shard.chunk * per_rank, (shard.chunk + 1) * per_rank)
-        return output[:, shard.text_rows].contiguous()
-
-    handle._hooks.append(transformer.context_embedder.register_forward_hook(split_text))
-
-    def slice_rotary(module, args, output):
-        # pos_embed(ids) for ids = [text ids; image ids]: keep my text rows and my image rows.
-        text_total = output[0].shape[0] - shard.image_tokens
-        keep = torch.cat([torch.arange(text_total)[shard.text_rows], text_total + torch.arange(shard.start, shard.stop)])
-        return tuple(part[keep.to(part.device)] for part in output)
-
-    handle._hooks.append(transformer.pos_embed.register_forward_hook(slice_rotary))
-
-
-def _install_hunyuan(transformer, shard, handle) -> None:
-    processor = SelfAttentionProcessor(shard)
-    for block in transformer.blocks:
-        _install(handle, block.attn1, processor)  # attn2 (cross-attention) takes the cut rotary table as it is
-    handle._hooks.append(transformer.register_forward_pre_hook(_slice_rotary_argument(shard, transformer), with_kwargs=True))
-    handle._hooks.append(transformer.pos_embed.register_forward_hook(_split_tokens(shard)))
-
-
-def _install_cogvideox(transformer, shard, handle) -> None:
-    processor = CogVideoXAttentionProcessor(shard)
-    for block in transformer.transformer_blocks:
-        _install(handle, block.attn1, processor)
-
-    def split_after_text(module, args, output):
-        # patch_embed(text, video) emits [text tokens; image tokens]: all text, my image tokens.
-        text_tokens = args[0].shape[1]
-        shard.text_tokens = text_tokens
-        rows = shard.split(output.shape[1] - text_tokens)
-        return torch.cat([output[:, :text_tokens], output[:, text_tokens + rows.start : text_tokens + rows.stop]], dim=1)
-
-    handle._hooks.append(transformer.register_forward_pre_hook(_slice_rotary_argument(shard, transformer), with_kwargs=True))
-    handle._hooks.append(transformer.patch_embed.register_forward_hook(split_after_text))
-
-
-def _install_latte(transformer, shard, handle) -> None:
-    processor = SelfAttentionProcessor(shard)
-    for block in transformer.transformer_blocks:
-        _install(handle, block.attn1, processor)  # spatial self-attention; attn2 (text) stays local
-    # Tokens are [batch*frames, tokens of one frame, hidden]: split each frame's tokens the same way, so
-    # the temporal blocks (attention across frames at one spatial position) find all frames locally.
-    handle._hooks.append(transformer.pos_embed.register_forward_hook(_split_tokens(shard, "image tokens per frame")))
-
-    def local_temporal_timestep(module, args, kwargs):
-        # Latte repeats the timestep embedding once per spatial position of a frame (batch*tokens rows);
-        # the temporal block sees only my positions, so keep their rows.
-        args = list(args)
-        in_kwargs = "timestep" in kwargs
-        timestep = kwargs["timestep"] if in_kwargs else args[4]
-        per_position = timestep.view(-1, shard.image_tokens, timestep.shape[-1])[:, shard.start : shard.stop]
-        local = per_position.reshape(-1, timestep.shape[-1])
-        if in_kwargs:
-            kwargs["timestep"] = local
-        else:
-            args[4] = local
-        return tuple(args), kwargs
-
-    for block in transformer.temporal_transformer_blocks:
-        handle._hooks.append(block.register_forward_pre_hook(local_temporal_timestep, with_kwargs=True))
-
-
-_INSTALLERS: dict[str, Callable[[torch.nn.Module, SequenceShard, SequenceParallelHandle], None]] = {
-    "pixart": _install_pixart,
-    "sd3": _install_sd3,
-    "flux": _install_flux,
-    "hunyuan": _install_hunyuan,
-    "cogvideox": _install_cogvideox,
-    "latte": _install_latte,
-}

@@ -109,12 +109,12 @@ def _split_leading_text(
 
 
 def _refuse_mask(attention_mask: torch.Tensor | None, layer: str) -> None:
-    # None of the six families masks its image self-attention; a mask here would be a new use that
+    # None of the executor's families masks its image self-attention; a mask here would be a new use that
     # the split sequence cannot honour silently.
     if attention_mask is not None:
         raise DitplanError(
             f"sequence parallelism: {layer} received an attention mask; masked self-attention over the split image "
-            "sequence is not supported (the six supported families pass none)."
+            "sequence is not supported (none of the executor's families passes one)."
         )
 
 

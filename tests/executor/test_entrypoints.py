@@ -128,3 +128,15 @@ def test_a_pipefusion_rank_loads_only_its_stage_from_a_pipeline_folder(tmp_path,
         counts.append(parameter_count(load_pipeline(folder, "pipefusion=2,patches=2,warmup=0").transformer))
     assert all(count < 0.75 * whole for count in counts), (counts, whole)
     assert sum(counts) >= whole  # every block once, plus the conditioning both stages keep
+
+
+@pytest.mark.timeout(120)
+def test_a_profile_yaml_without_a_recipe_is_refused_before_anything_starts(tmp_path, capsys):
+    # A cost-model profile names no weights: the workers could only fail to load it.
+    from executor.launch import main
+
+    code = main(["--model", str(ROOT / "profiles" / "models" / "pixart-alpha.yaml"), "--plan", "cfg=1", "--nproc", "1",
+                 "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "without a build: recipe" in err, err
+    assert not (tmp_path / "x").exists()

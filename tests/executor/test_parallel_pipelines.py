@@ -1,7 +1,7 @@
 """CFG, data and sequence parallel pipelines against the serial loop, per family.
 
-Two process groups do every check: one of 2 ranks (CFG 2, DP 2, Ulysses 2, Ring 2 for all six
-families, and a refusal), one of 4 ranks (CFG 2 x DP 2, CFG 2 x Ulysses 2, USP 2x2 for all six; Ring 4
+Two process groups do every check: one of 2 ranks (CFG 2, DP 2, Ulysses 2, Ring 2 for every executor
+family, and a refusal), one of 4 ranks (CFG 2 x DP 2, CFG 2 x Ulysses 2, USP 2x2 for every family; Ring 4
 and Ulysses 4 on PixArt and Flux). Same seed, two prompts, three steps, fp32 on CPU with gloo.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ sys.path.insert(0, str(HERE))
 
 from executor_spawn import assert_follows_nccl_rules, recorded_communication, run_ranks  # noqa: E402
 from parallel_worker import configs_for  # noqa: E402
+
+from executor.families import FAMILIES  # noqa: E402
 
 WORKER = HERE / "parallel_worker.py"
 LATENT_TOLERANCE = 1e-4
@@ -40,9 +42,6 @@ def world2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory):
     return _run(4, tmp_path_factory)
-
-
-FAMILIES = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
 
 
 def _expected(world: int) -> list[str]:

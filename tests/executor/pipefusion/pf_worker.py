@@ -21,8 +21,9 @@ Case = dict[str, Any]  # family, pipefusion, cfg, patches, warmup, steps
 
 def serial_latents(family: str, steps: int, rows: int = 16) -> torch.Tensor:
     """The plain loop with the unmodified transformer: the serial reference."""
-    model, latents, kwargs = build(family, rows=rows)
-    job = make_job(family, model, latents, kwargs, steps=steps)
+    tiny = build(family, rows=rows)
+    model = tiny.model
+    job = make_job(family, tiny, steps=steps)
     x = job.latents.clone()
     with torch.no_grad():
         for i, t in enumerate(job.timesteps):
@@ -52,12 +53,13 @@ def run_case(case: Case, groups: dict[tuple[int, ...], Any]) -> dict[str, Any] |
     ulysses_ranks = placement.group_of(rank, "ulysses") if config.ulysses > 1 else None
     ring_ranks = placement.group_of(rank, "ring") if config.ring > 1 else None
     rows = case.get("rows", 16)
-    model, latents, kwargs = build(family, rows=rows)
+    tiny = build(family, rows=rows)
+    model = tiny.model
     whole = parameter_count(model)
     stages = staged(model, family)
     stage = pipe_ranks.index(rank)
     keep_stage_only(stages, stage_units(stages.unit_weights, config.pipefusion, stage), stage == 0, stage == config.pipefusion - 1)
-    job = make_job(family, model, latents, kwargs, steps=steps)
+    job = make_job(family, tiny, steps=steps)
     out = denoise_pipelined(job, stages, pipe_ranks, groups.get(tuple(pipe_ranks)), config.patches, config.warmup,
                             cfg_ranks, groups[tuple(cfg_ranks)] if cfg_ranks else None,
                             groups[tuple(ulysses_ranks)] if ulysses_ranks else None, groups[tuple(ring_ranks)] if ring_ranks else None)
@@ -66,8 +68,8 @@ def run_case(case: Case, groups: dict[tuple[int, ...], Any]) -> dict[str, Any] |
     counts = [counts[r] for r in pipe_ranks]  # one rank per stage
     if rank != 0:
         return None
-    ref_model, ref_latents, ref_kwargs = build(family, rows=rows)
-    reference = denoise_sequential(make_job(family, ref_model, ref_latents, ref_kwargs, steps=steps), staged(ref_model, family),
+    ref = build(family, rows=rows)
+    reference = denoise_sequential(make_job(family, ref, steps=steps), staged(ref.model, family),
                                    config.patches, config.warmup)
     serial = serial_latents(family, steps, rows)
     return {

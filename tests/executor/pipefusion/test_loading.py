@@ -9,9 +9,9 @@ import torch
 
 from executor.pipefusion.loading import load_stage_transformer
 from executor.pipefusion.partition import parameter_count
+from executor.tiny import tiny_model_per_family
 
-MODELS = {"tiny-pixart-alpha": "pixart", "tiny-sd3-medium": "sd3", "tiny-flux-dev": "flux", "tiny-hunyuan-dit": "hunyuan",
-          "tiny-cogvideox-2b": "cogvideox", "tiny-latte": "latte"}
+MODELS = {model_id: family for family, model_id in tiny_model_per_family().items()}
 
 
 @pytest.mark.timeout(120)

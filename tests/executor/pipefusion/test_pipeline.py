@@ -19,11 +19,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from executor_spawn import assert_follows_nccl_rules, recorded_communication  # noqa: E402
 import pf_worker  # noqa: E402
-from pf_tiny import FAMILIES  # noqa: E402
+from costmodel.specs import load_model  # noqa: E402
+from executor.families import DECLARATIONS, FAMILIES  # noqa: E402
 
 STEPS = 4
-CFG_FAMILIES = tuple(f for f in FAMILIES if f != "flux")  # Flux embeds guidance: no CFG batch to split
-JOINT_FAMILIES = ("sd3", "flux", "cogvideox")  # text joins the attention and travels in strips
+# Families whose models use classifier-free guidance (Flux embeds it: no CFG batch to split).
+CFG_FAMILIES = tuple(f.name for f in DECLARATIONS.values() if load_model(next(iter(f.pipelines.values()))).uses_cfg)
+JOINT_FAMILIES = tuple(f.name for f in DECLARATIONS.values() if f.joins_attention)  # text travels in strips
 
 
 def _free_port() -> int:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pf_tiny import FAMILIES, build, make_job  # noqa: E402
+from pf_tiny import build, make_job  # noqa: E402
 from pf_worker import serial_latents  # noqa: E402
 
+from executor.families import FAMILIES  # noqa: E402
 from executor.pipefusion.sequential import denoise_sequential  # noqa: E402
 from executor.pipefusion.stages import staged  # noqa: E402
 
@@ -18,8 +19,8 @@ STEPS = 4
 
 
 def _sequential(family: str, patches: int, warmup: int) -> torch.Tensor:
-    model, latents, kwargs = build(family)
-    return denoise_sequential(make_job(family, model, latents, kwargs, steps=STEPS), staged(model, family), patches, warmup)
+    tiny = build(family)
+    return denoise_sequential(make_job(family, tiny, steps=STEPS), staged(tiny.model, family), patches, warmup)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,7 +58,8 @@ def test_stale_kv_leaves_torch_attention_function_in_place(family: str) -> None:
     transformer (the attention layers' projections run inside their processors' calls) finds
     torch's scaled_dot_product_attention to be the original function, never a replacement."""
     original = torch.nn.functional.scaled_dot_product_attention
-    model, latents, kwargs = build(family)
+    tiny = build(family)
+    model = tiny.model
     stages = staged(model, family)
     seen: list[bool] = []
     inside_attention = {id(sub) for module, _ in stages.stale_layers(range(stages.unit_count())) for sub in module.modules()
@@ -72,7 +74,7 @@ def test_stale_kv_leaves_torch_attention_function_in_place(family: str) -> None:
 
     hooks = [module.register_forward_pre_hook(check) for module in model.modules()]
     try:
-        denoise_sequential(make_job(family, model, latents, kwargs, steps=2), stages, patches=2, warmup=1)
+        denoise_sequential(make_job(family, tiny, steps=2), stages, patches=2, warmup=1)
     finally:
         for hook in hooks:
             hook.remove()

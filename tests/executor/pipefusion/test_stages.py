@@ -8,7 +8,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pf_tiny import FAMILIES, build, model_timestep  # noqa: E402
+from pf_tiny import build  # noqa: E402
+
+from executor.families import FAMILIES  # noqa: E402
 
 from executor.pipefusion.partition import keep_stage_only, parameter_count  # noqa: E402
 from executor.pipefusion.pipeline import stage_units  # noqa: E402
@@ -18,8 +20,9 @@ from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv  # noqa:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pieces_in_sequence_equal_the_forward(family: str) -> None:
-    model, latents, kwargs = build(family)
-    t = model_timestep(family, 500.0, latents.shape[0])
+    tiny = build(family)
+    model, latents, kwargs = tiny.model, tiny.latents, tiny.inputs
+    t = tiny.timestep(500.0)
     with torch.no_grad():
         expected = model(hidden_states=latents, timestep=t, **kwargs, return_dict=False)[0]
         stages = staged(model, family)
@@ -32,8 +35,9 @@ def test_stale_kv_patches_reproduce_the_full_image_when_nothing_changed(family: 
     """Buffers filled from the same input: every patch (image rows and, for joint attention, its
     text strip; 6 text tokens over 4 patches is an uneven split) sees exactly the full image's
     and text's K/V, so each patch's output is the full output's strip; poisoned buffers change it."""
-    model, latents, kwargs = build(family)
-    t = model_timestep(family, 500.0, latents.shape[0])
+    tiny = build(family)
+    model, latents, kwargs = tiny.model, tiny.latents, tiny.inputs
+    t = tiny.timestep(500.0)
     stages = staged(model, family)
     layout = stages.layout(latents, kwargs, 4)
     state = StaleKVState()
@@ -75,10 +79,10 @@ def test_each_stage_keeps_about_its_share_of_the_blocks(family: str, degree: int
     """Per-rank parameters: blocks within 10 % of 1/p of all blocks, plus the conditioning every
     stage keeps and the embedding (first) / head (last) extras, and nothing else."""
     layers = {"flux": 64, "hunyuan": 40}.get(family, 24)  # real models' depths: whole blocks split into near-equal shares
-    model, _, _ = build(family, layers=layers)
+    model = build(family, layers=layers).model
     whole_blocks = sum(staged(model, family).unit_weights)
     for stage in range(degree):
-        model, _, _ = build(family, layers=layers)
+        model = build(family, layers=layers).model
         stages = staged(model, family)
         shared = parameter_count(model) - whole_blocks - sum(
             parameter_count(getattr(model, a)) if isinstance(getattr(model, a), torch.nn.Module) else getattr(model, a).numel()
@@ -105,8 +109,9 @@ def test_stale_kv_through_the_sequence_parallel_processors(family: str) -> None:
     from executor.pipefusion.hybrid import SequenceInStage
 
     original = torch.nn.functional.scaled_dot_product_attention
-    model, latents, kwargs = build(family)
-    t = model_timestep(family, 500.0, latents.shape[0])
+    tiny = build(family)
+    model, latents, kwargs = tiny.model, tiny.latents, tiny.inputs
+    t = tiny.timestep(500.0)
     stages = staged(model, family)
     layout = stages.layout(latents, kwargs, 4)
     units = range(stages.unit_count())

@@ -1,7 +1,7 @@
 """One rank of the SP correctness checks: `python sp_worker.py RANK WORLD INIT_FILE RESULT_FILE`.
 
-Runs every check for its world size (2: Ulysses 2 and Ring 2; 4: USP 2x2, Ring 4, Ulysses 4) on all
-six tiny transformers and on the bare attention primitive, and writes {check name: max abs diff
+Runs every check for its world size (2: Ulysses 2 and Ring 2; 4: USP 2x2, Ring 4, Ulysses 4) on the
+tiny transformer of every executor family (`Family.tiny_transformer`) and on the bare attention primitive, and writes {check name: max abs diff
 against the serial result, or the error text} as JSON. Each check's error is recorded and the run
 goes on; an error that leaves the ranks out of step (a collective half done) ends the process with a
 non-zero status, and gloo's timeout keeps the other ranks from waiting forever.
@@ -17,9 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-FAMILIES = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
 LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(2, 2), (1, 4), (4, 1)]}
 
 
@@ -62,24 +59,25 @@ def check_primitive(ulysses_group, ring_group, rank_in_sp: int, sp: int) -> floa
 
 def check_refusals(rank: int, ulysses_group, record) -> None:
     """Sizes that do not divide, and ranks that disagree on sizes, end in a DitplanError on every rank."""
-    import tiny_transformers as tiny
+    from executor.families import declaration
     from executor.sp import enable_sequence_parallel
 
     def odd_token_count() -> None:
-        model = tiny.build("pixart")
-        enable_sequence_parallel(model, "pixart", ulysses_group, None)
-        model(**tiny.inputs("pixart", size=6))  # 6 x 6 latent / patch 2 = 9 tokens over 2 ranks
+        tiny = declaration("pixart").tiny_transformer(rows=6, cols=6)  # 6 x 6 latent / patch 2 = 9 tokens over 2 ranks
+        enable_sequence_parallel(tiny.model, "pixart", ulysses_group, None)
+        tiny.model(**tiny.call_kwargs())
 
     def heads_not_dividing() -> None:
-        enable_sequence_parallel(tiny.build("pixart", heads=3), "pixart", ulysses_group, None)
+        enable_sequence_parallel(declaration("pixart").tiny_transformer(heads=3).model, "pixart", ulysses_group, None)
 
     def ranks_disagree() -> None:
-        model = tiny.build("flux")
-        enable_sequence_parallel(model, "flux", ulysses_group, None)
-        model(**tiny.inputs("flux", size=8 if rank == 0 else 12))
+        size = 8 if rank == 0 else 12
+        tiny = declaration("flux").tiny_transformer(rows=size, cols=size)
+        enable_sequence_parallel(tiny.model, "flux", ulysses_group, None)
+        tiny.model(**tiny.call_kwargs())
 
     def enabled_twice() -> None:
-        model = tiny.build("sd3")
+        model = declaration("sd3").tiny_transformer().model
         enable_sequence_parallel(model, "sd3", ulysses_group, None)
         enable_sequence_parallel(model, "sd3", ulysses_group, None)
 
@@ -96,8 +94,8 @@ def main() -> None:
 
     install_from_environment()  # before the group exists: the NCCL rule checker needs every call
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    import tiny_transformers as tiny
     from costmodel.errors import DitplanError
+    from executor.families import DECLARATIONS
     from executor.sp import enable_sequence_parallel
     from executor.sp.comm import group_rank, group_size
 
@@ -118,8 +116,9 @@ def main() -> None:
         record(f"primitive/{layout_name(u, r)}", lambda: check_primitive(ulysses_group, ring_group, sp_rank, u * r))
 
     with torch.no_grad():
-        for family in FAMILIES:
-            model, kwargs = tiny.build(family), tiny.inputs(family)
+        for family, declared in DECLARATIONS.items():
+            tiny = declared.tiny_transformer()
+            model, kwargs = tiny.model, tiny.call_kwargs()
             serial = model(**kwargs)[0]
             for u, r, ulysses_group, ring_group in layouts:
                 def run_parallel() -> float:

@@ -1,5 +1,5 @@
-"""Transformer-level proof of sequence parallelism: for each of the six families, a tiny random
-transformer run with Ulysses 2, Ring 2 (one spawn of 2 ranks) and USP 2x2, Ring 4, Ulysses 4 (one spawn
+"""Transformer-level proof of sequence parallelism: for each executor family, its tiny random
+transformer (`Family.tiny_transformer`) run with Ulysses 2, Ring 2 (one spawn of 2 ranks) and USP 2x2, Ring 4, Ulysses 4 (one spawn
 of 4 ranks) matches the serial call on every rank within 1e-5 (fp32, CPU, gloo).
 
 Each spawn runs all its checks (sp_worker.py) and reports them per check, so one family's failure
@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from executor.comm_trace import TRACE_ENV
+from executor.families import FAMILIES
 from executor.nccl_rules import check
 
 WORKER = Path(__file__).resolve().parent / "sp_worker.py"
 COMMUNICATION: dict[int, Path] = {}  # world size -> the folder of its ranks' recorded calls
-FAMILIES = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte")
 TOLERANCE = 1e-5
 DEADLINE_S = 400  # both spawns on a 2-core machine take about a minute each
 
