@@ -44,13 +44,24 @@ def eight_bit(images) -> torch.Tensor:
     return torch.from_numpy(np.round(np.asarray(images, dtype=np.float64) * 255.0))
 
 
-def serial_reference(pipe):
+def sizes(model_id: str) -> dict[str, int]:
+    """The call's size: the pipeline's default, except Wan's (480x832, 81 frames), whose transformer
+    config holds no sample size to scale to the tiny model: there the tiny profile's."""
+    from executor.tiny import load_tiny_spec
+
+    spec = load_tiny_spec(model_id)
+    if spec["family"] != "wan":
+        return {}
+    return {"height": spec["default_height"], "width": spec["default_width"], "num_frames": spec["default_frames"]}
+
+
+def serial_reference(pipe, model_id: str):
     """Final latents and decoded 8-bit images of the serial loop (world of one, no collectives)."""
     from executor.families import GenerationRequest, adapter_for
     from executor.loop import denoise
 
     adapter = adapter_for(pipe)
-    request = GenerationRequest(prompts=PROMPTS, num_inference_steps=STEPS,
+    request = GenerationRequest(prompts=PROMPTS, num_inference_steps=STEPS, **sizes(model_id),
                                 generators=[torch.Generator().manual_seed(SEED + i) for i in range(len(PROMPTS))])
     job = adapter.prepare(request)
     with torch.no_grad():
@@ -69,7 +80,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     for family, model_id in tiny_model_per_family().items():
         pipe = build_tiny_pipeline(model_id)
-        reference = serial_reference(pipe) if rank == 0 else None
+        reference = serial_reference(pipe, model_id) if rank == 0 else None
         for config in configs_for(world, family):
             name = f"{family}|{config}"
             if os.environ.get("DITPLAN_TEST_VERBOSE"):
@@ -77,7 +88,8 @@ def main() -> int:
             try:
                 parallel = parallelize(pipe, plan=config, show_progress=False)
                 try:
-                    output = parallel(prompt=PROMPTS, num_inference_steps=STEPS, seed=SEED, output_type="latent")
+                    output = parallel(prompt=PROMPTS, num_inference_steps=STEPS, seed=SEED, output_type="latent",
+                                      **sizes(model_id))
                 finally:
                     parallel.close()
                 if rank == 0:

@@ -1,8 +1,8 @@
 """The Wan family (executor/families/wan.py) on the tiny Wan 2.1 pipeline.
 
-One process group of 2 ranks (wan_worker.py) runs CFG 2, DP 2, Ulysses 2, Ring 2, PipeFusion 2 with
-warmup = steps and with stale K/V, and one-stage patches under Ulysses, Ring and CFG, each against
-the one-process run, and the refusals; then `ditplan run` on 2 ranks and the cost model's reading
+One process group of 2 ranks (wan_worker.py) runs PipeFusion 2 with warmup = steps and with stale
+K/V, and one-stage patches under Ulysses, Ring and CFG, each against the one-process run, and the
+refusals (CFG 2, DP 2, Ulysses 2, Ring 2 and their 4-rank hybrids: tests/executor/test_parallel_pipelines.py); then `ditplan run` on 2 ranks and the cost model's reading
 of the tiny profile.
 """
 from __future__ import annotations
