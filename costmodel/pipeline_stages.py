@@ -46,6 +46,14 @@ NO_MID_ATTENTION = ("cogvideox",)
 # tiles of 16 output frames (4 latent frames), which its pipelines turn on for 720p. The others
 # decode every frame at once.
 LATENT_FRAMES_PER_CALL = {"cogvideox": 2, "wan": 1, "hunyuan-video": 4}
+# Families whose VAE decoder cannot run in row strips (the executor refuses vae > 1 for them): Wan's
+# causal 3-D convolutions pad inside their forward, and Qwen-Image's VAE, built like it, also projects
+# its mid-block attention with one 1x1 convolution; a strip's halo exchange sees neither.
+WHOLE_DECODE = {
+    "wan": "the Wan VAE decoder cannot run in row strips (its causal 3-D convolutions pad inside their forward)",
+    "qwen-image": ("the Qwen-Image VAE cannot decode in row strips (its causal 3-D convolutions pad inside their "
+                   "forward, and its mid-block attention projects with one 1x1 convolution)"),
+}
 OUTPUT_CHANNELS = 3
 
 
@@ -179,6 +187,8 @@ def price_stages(model: Any, cluster: Any, config: ParallelConfig, placement: Pl
 def vae_choices(config: ParallelConfig, model: Any, height: int) -> list[int]:
     """The decode rank counts a replica of `config` allows: divisors of its rank count, at most one
     latent row per rank."""
+    if model.family in WHOLE_DECODE:
+        return [1]
     replica = config.world_size // config.dp
     latent_rows = height // model.vae_spatial_factor
     return [n for n in range(1, replica + 1) if replica % n == 0 and n <= latent_rows]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from costmodel.config import ParallelConfig
 from costmodel.errors import DitplanError
+from costmodel.pipeline_stages import WHOLE_DECODE
 from costmodel.specs import ModelSpec, load_model
 
 
@@ -50,6 +51,8 @@ def check_config(config: "ParallelConfig | str", model: "ModelSpec | str", heigh
             f"dp x cfg x ulysses x ring x pipefusion = {config.dp} x {config.cfg} x {config.ulysses} x {config.ring} x "
             f"{config.pipefusion} = {config.world_size} GPUs, but {gpus} GPUs are given; the product must equal the GPU count"
         )
+    if config.vae > 1 and model.family in WHOLE_DECODE:
+        problems.append(f"vae={config.vae}: {WHOLE_DECODE[model.family]}; use vae=1")
     if config.cfg == 2 and not model.uses_cfg:
         problems.append(f"cfg=2 but {model.id} does not use classifier-free guidance, so there is no second half to split")
     if model.num_heads % config.ulysses:

@@ -1,7 +1,8 @@
 """The denoising loop of every configuration: `executor.steps.run_steps` around one step program.
 
 How a step is computed:
-* serial: every branch in one transformer batch, as the diffusers pipeline does;
+* serial: every branch in one transformer batch, as the diffusers pipeline does (one call per branch
+  where the pipeline makes one, `FamilyAdapter.model_output`);
 * CFG parallel (cfg=2): rank with cfg coordinate c runs branch c only ("uncond" on 0, "cond" on 1);
   one all-gather of the noise prediction per step, then identical guidance and scheduler step on
   both ranks, so their latents stay bit-identical;

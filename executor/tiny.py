@@ -46,6 +46,7 @@ _TEXT_CONFIGS = {
     "CLIPTextModelWithProjection": "CLIPTextConfig",
     "BertModel": "BertConfig",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLConfig",
+    "UMT5EncoderModel": "UMT5Config",
 }
 
 
@@ -278,6 +279,11 @@ def _params(module: Any) -> int:
     return int(sum(p.numel() for p in module.parameters())) if isinstance(module, torch.nn.Module) else 0
 
 
+def _spatial_patch(patch_size: Any) -> int:
+    """A config's spatial patch size: the number, or the rows' entry of a (frames, rows, cols) patch."""
+    return int(patch_size[1]) if isinstance(patch_size, (list, tuple)) else int(patch_size)
+
+
 def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
     """The cost-model fields of `spec` as the built `pipe` really has them.
 
@@ -292,7 +298,7 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
     description = family.describe_blocks(pipe.transformer)
     figures: dict[str, Any] = {
         "hidden_size": heads * head_dim, "num_heads": heads, "head_dim": head_dim, "blocks": description.blocks,
-        "patch_size": int(cfg.patch_size), "in_channels": int(cfg.in_channels), "skip_connections": False,
+        "patch_size": _spatial_patch(cfg.patch_size), "in_channels": int(cfg.in_channels), "skip_connections": False,
         **description.figures,
     }
     figures["mlp_ratio"] = float(description.mlp_width) / figures["hidden_size"]
@@ -315,16 +321,19 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
         module = getattr(pipe, name, None)
         if module is not None:
             encoders.append({"name": f"tiny-{type(module).__name__}", "params": _params(module)})
-    vae = pipe.vae
+    vae = pipe.vae.config
+    # Wan's VAE names its temporal factor, CogVideoX's a compression ratio; image VAEs have neither.
+    temporal = getattr(vae, "scale_factor_temporal", None) or getattr(vae, "temporal_compression_ratio", 1) or 1
     return {
         "transformer": figures,
         "text": {"tokens": int(tokens), "hidden": int(text_hidden), "joins_attention": family.joins_attention, "encoders": encoders},
         "vae": {
-            "params": _params(vae),
-            # The pipeline's own factor (CogVideoX names it apart); Qwen-Image's VAE calls its channels z_dim.
+            "params": _params(pipe.vae),
+            # The pipeline's own factor (CogVideoX and Wan name it apart); Qwen-Image's and Wan's VAEs call
+            # their latent channels z_dim.
             "spatial_factor": int(getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor),
-            "temporal_factor": int(getattr(vae.config, "temporal_compression_ratio", 1) or 1),
-            "latent_channels": int(getattr(vae.config, "latent_channels", None) or vae.config.z_dim),
+            "temporal_factor": int(temporal),
+            "latent_channels": int(getattr(vae, "latent_channels", None) or vae.z_dim),
         },
         "token_grid": list(job.token_grid),
     }

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from costmodel.config import ParallelConfig, Placement
+from costmodel.pipeline_stages import WHOLE_DECODE
 from costmodel.errors import DitplanError
 from costmodel.pipeline_stages import decode_groups
 
@@ -230,8 +231,8 @@ def decode_problems(config: ParallelConfig, adapter: Any, job: Any) -> list[str]
     factor = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor  # CogVideoX names it apart
     rows = job.height // factor
     problems = []
-    if adapter.strip_decode_problem is not None:
-        problems.append(f"vae={config.vae}: {adapter.strip_decode_problem}; use vae=1")
+    if adapter.family in WHOLE_DECODE:
+        problems.append(f"vae={config.vae}: {WHOLE_DECODE[adapter.family]}; use vae=1")
     if rows < config.vae:
         problems.append(f"vae={config.vae} but the latent has {rows} rows ({job.height} px / {factor}); "
                         "each decode rank needs at least one")

@@ -187,8 +187,6 @@ class FamilyAdapter:
     is_video: ClassVar[bool] = False
     # Branch inputs holding text states (their token counts add up to what the transformer sees).
     text_state_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
-    # Why the family's VAE cannot decode in row strips (executor.vae), or None where it can.
-    strip_decode_problem: ClassVar[str | None] = None
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe

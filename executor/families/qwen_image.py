@@ -59,9 +59,6 @@ def _common_length(mask: torch.Tensor) -> int | None:
 class QwenImageAdapter(FamilyAdapter):
     family = "qwen-image"
     latent_layout = "BSC"
-    strip_decode_problem = ("the Qwen-Image VAE cannot decode in row strips: its causal 3-D convolutions pad inside their "
-                            "forward and its mid-block attention projects with one 1x1 convolution, neither of which the "
-                            "strip hooks see")
 
     def default_guidance_scale(self) -> float:
         return float(self.call_default("true_cfg_scale"))  # the pipeline's CFG weight; guidance_scale is for distilled variants

@@ -45,11 +45,15 @@ def eight_bit(images) -> torch.Tensor:
 
 
 def tiny_size(model_id: str) -> dict[str, int]:
-    """The tiny model's own default size (some pipelines default to their real model's, 1024 px)."""
+    """The tiny model's own default size (some pipelines default to their real model's: 1024 px, or
+    Wan's 480x832 x 81 frames, whose transformer config holds no sample size to scale down)."""
     from executor.tiny import load_tiny_spec
 
     spec = load_tiny_spec(model_id)
-    return {"height": spec["default_height"], "width": spec["default_width"]}
+    size = {"height": spec["default_height"], "width": spec["default_width"]}
+    if spec["default_frames"] > 1:
+        size["num_frames"] = spec["default_frames"]
+    return size
 
 
 def serial_reference(pipe, size: dict[str, int]):

@@ -156,8 +156,8 @@ def test_ditplan_run_refuses_an_undeclared_family_before_any_process_starts(tmp_
 def test_ditplan_run_refuses_a_pipeline_folder_the_executor_does_not_run(tmp_path, capsys):
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     code, err = _run(["--model", str(folder), "--plan", "cfg=1", "--nproc", "1", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and err.count("error:") == 1, err
-    assert "WanPipeline" in err and all(name in err for name in FAMILIES), err
+    assert "StableDiffusionPipeline" in err and all(name in err for name in FAMILIES), err
     assert not Path(tmp_path / "x").exists()

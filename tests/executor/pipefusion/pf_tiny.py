@@ -5,6 +5,7 @@ Built straight from configs (no pipeline, no text encoder): 4 blocks (Flux 2+2),
 """
 from __future__ import annotations
 
+import inspect
 import json
 import traceback
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ def make_job(family: str, tiny: TinyTransformer, steps: int = 4, guidance: float
     channel_dim = declaration(family).adapter.latent_layout.index("C")
     channels = sample.shape[channel_dim]
     generator = torch.Generator().manual_seed(seed)
+    # Schedulers that add noise (HunyuanDiT's DDPM) draw it from the job's generator; others take none (UniPC).
+    step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
     def model_input(x: torch.Tensor, t: Any) -> torch.Tensor:
         return torch.cat([x, x]) if cfg else x
@@ -47,8 +50,7 @@ def make_job(family: str, tiny: TinyTransformer, steps: int = 4, guidance: float
         return uncond + guidance * (cond - uncond)
 
     def step(sched: Any, noise: torch.Tensor, t: Any, x: torch.Tensor, step_index: int, patch: int | None) -> torch.Tensor:
-        # Schedulers that add noise (HunyuanDiT's DDPM) draw it from the job's generator.
-        return sched.step(noise, t, x, return_dict=False, generator=generator)[0]
+        return sched.step(noise, t, x, return_dict=False, **step_options)[0]
 
     return PatchJob(sample.clone(), list(scheduler.timesteps), scheduler, tiny.inputs, model_input, tiny.timestep, guide, step, cfg)
 
