@@ -9,13 +9,15 @@ A check that fails on every rank alike (a refusal) is recorded and the run goes 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[0]))
+from rank_results import eight_bit, write_and_exit  # noqa: E402
 
 # Ring 4 and Ulysses 4 run on two families only (the 4-rank spawn's time): one whose text stays out
 # of the attention, and Flux, whose text is split with the image where its token count divides.
@@ -36,12 +38,6 @@ def configs_for(world: int, family: str) -> list[str]:
     if family in WIDE_SP_FAMILIES:
         configs += ["ring=4", "ulysses=4"]
     return configs
-
-
-def eight_bit(images) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.round(np.asarray(images, dtype=np.float64) * 255.0))
 
 
 def tiny_size(model_id: str) -> dict[str, int]:
@@ -70,7 +66,7 @@ def serial_reference(pipe, size: dict[str, int]):
         return job, latents, eight_bit(adapter.decode(job, latents, "np"))
 
 
-def main() -> int:
+def main() -> None:
     world, result_dir = int(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     from costmodel.errors import DitplanError
@@ -116,11 +112,8 @@ def main() -> int:
             results["refusal|flux cfg=2"] = {"error": "not refused"}
         except DitplanError as error:
             results["refusal|flux cfg=2"] = {"message": str(error)}
-    (result_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
-    return 0
+    write_and_exit(result_dir, rank, results)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # skip process-group teardown, which can wait on peers that already left
+    main()

@@ -9,13 +9,15 @@ run goes on.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rank_results import eight_bit, write_and_exit  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red car at night"]
 STEPS = 3
@@ -41,12 +43,6 @@ def name_of(plan: str, guidance: float | None) -> str:
     return plan if guidance is None else f"{plan} guidance={guidance:g}"
 
 
-def eight_bit(images) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.round(np.asarray(images, dtype=np.float64) * 255.0))
-
-
 def reference(pipe, guidance: float | None, patches_warmup: tuple[int, int] | None):
     """Final latents and 8-bit images of the one-process loop (world of one, no collectives)."""
     from costmodel.config import ParallelConfig
@@ -63,7 +59,7 @@ def reference(pipe, guidance: float | None, patches_warmup: tuple[int, int] | No
         return job, latents, eight_bit(adapter.decode(job, latents, "np"))
 
 
-def main() -> int:
+def main() -> None:
     result_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
     from costmodel.errors import DitplanError
@@ -105,11 +101,8 @@ def main() -> int:
             results[f"refusal|{plan}"] = {"error": "not refused"}
         except DitplanError as error:
             results[f"refusal|{plan}"] = {"message": str(error)}
-    (result_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
-    return 0
+    write_and_exit(result_dir, rank, results)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # skip process-group teardown, which can wait on peers that already left
+    main()

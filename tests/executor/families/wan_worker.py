@@ -9,13 +9,15 @@ as {plan: figures or error}. A refusal (the same on every rank) is recorded and 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rank_results import eight_bit, write_and_exit  # noqa: E402
 
 MODEL = "tiny-wan2.1"
 PROMPTS = ["a photo of a cat", "a red car at night"]
@@ -28,12 +30,6 @@ PLANS = (
 )
 # 48 x 80 pixels, one frame: 3 x 5 = 15 video tokens, which two sequence-parallel ranks cannot split.
 UNEVEN = {"height": 48, "width": 80, "num_frames": 1}
-
-
-def eight_bit(frames) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.round(np.asarray(frames, dtype=np.float64) * 255.0))
 
 
 def size() -> dict[str, int]:
@@ -113,7 +109,7 @@ def refusal(attempt) -> dict[str, str]:
     return {"error": "not refused"}
 
 
-def main() -> int:
+def main() -> None:
     result_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
     from costmodel.errors import DitplanError
@@ -149,11 +145,8 @@ def main() -> int:
     results["refusal|transformer"] = refusal(lambda: uneven_transformer_call(pipe))
     results["refusal|two experts"] = refusal(lambda: other_wan_pipeline(pipe, transformer_2=pipe.transformer, boundary_ratio=0.875))
     results["refusal|expand_timesteps"] = refusal(lambda: other_wan_pipeline(pipe, expand_timesteps=True))
-    (result_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
-    return 0
+    write_and_exit(result_dir, rank, results)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # skip process-group teardown, which can wait on peers that already left
+    main()

@@ -10,14 +10,15 @@ Results: RESULT_DIR/rank<R>.json.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rank_results import eight_bit, write_and_exit  # noqa: E402
 
 MODEL = "tiny-pixart-alpha"
 PROMPTS = ["a photo of a cat", "a red car at night"]
@@ -31,10 +32,6 @@ CONFIGS = [
     (f"pipefusion=2,patches=2,warmup={STEPS}", (1, 1)),  # warmup = steps: no stale KV, the serial images
     ("pipefusion=2,patches=4,warmup=1", (4, 1)),  # stale KV: the one-process loop of the same patches
 ]
-
-
-def eight_bit(images) -> np.ndarray:
-    return np.round(np.asarray(images, dtype=np.float64) * 255.0)
 
 
 def request():
@@ -58,7 +55,7 @@ def one_process(patches: int, warmup: int):
     return job, adapter, latents, eight_bit(adapter.decode(job, latents, "np"))
 
 
-def main() -> int:
+def main() -> None:
     result_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
     from executor.parallel import parallelize
@@ -84,17 +81,14 @@ def main() -> int:
                     pixels = eight_bit(adapter.decode(job, output.images, "np"))
                 results[config] = {
                     "latent_diff": float((output.images - ref_latents).abs().max()),
-                    "pixel_diff": float(np.abs(pixels - ref_pixels).max()),
+                    "pixel_diff": float((pixels - ref_pixels).abs().max()),
                     "reference": f"pipefusion=1,patches={reference[0]},warmup={reference[1]}",
                 }
         except Exception as error:  # noqa: BLE001 - recorded per check; the parent test reports it
             results[config] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc(limit=6)}
             break  # the process group may be unusable after a failure
-    (result_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
-    return 0
+    write_and_exit(result_dir, rank, results)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # skip process-group teardown, which can wait on peers that already left
+    main()
