@@ -41,7 +41,7 @@ def _is_peer_loss(error: BaseException) -> bool:
 
 def _stage_transformer(folder: Path, plan: str, dtype: Any) -> dict[str, Any]:
     """from_pretrained overrides for a pipeline folder under PipeFusion: this rank's stage of the
-    transformer, read alone from the checkpoint, so other stages' blocks never exist here."""
+    transformer (of each expert), read alone from the checkpoint, so other stages' blocks never exist here."""
     if plan == "auto":
         return {}
     from planner.plan import resolve_plan
@@ -61,7 +61,10 @@ def _stage_transformer(folder: Path, plan: str, dtype: Any) -> dict[str, Any]:
     if rank >= config.world_size:
         return {}  # parallelize refuses the GPU-count mismatch, on every rank alike
     stage = placement.coordinates(rank)["pipefusion"]
-    return {"transformer": load_stage_transformer(folder, family, stage, config.pipefusion).to(dtype)}
+    # Every expert the folder holds (Wan 2.2 A14B's transformer_2 too), each cut to this stage.
+    experts = [name for name in ("transformer", "transformer_2") if index.get(name, [None])[0] is not None]
+    return {name: load_stage_transformer(folder, family, stage, config.pipefusion, subfolder=name).to(dtype)
+            for name in experts}
 
 
 def load_pipeline(model: str, plan: str = "cfg=1") -> Any:
@@ -159,7 +162,7 @@ def run_worker(args: Any) -> int:
         output = parallel(
             prompt=prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
             num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-            output_type="pil",
+            output_type="pil", guidance_scale_2=args.guidance_scale_2,
         )
     timings = parallel.last_timings.to_dict()
     if timeline is not None:

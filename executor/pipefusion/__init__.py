@@ -100,7 +100,7 @@ def patch_job(job: Any, adapter: Any) -> PatchJob:
     return PatchJob(
         latents=job.latents, timesteps=list(job.timesteps), scheduler=job.scheduler, model_kwargs=model_kwargs,
         model_input=model_input, model_timestep=lambda t, batch: adapter.timestep_input(job, t, batch),
-        guide=guide, step=step, cfg=job.do_cfg,
+        guide=guide, step=step, cfg=job.do_cfg, step_experts=job.step_experts,
     )
 
 
@@ -139,12 +139,12 @@ def size_problems(job: Any, adapter: Any, config: ParallelConfig) -> list[str]:
     return [*problems, *patch_problems(layout, config.sp)]
 
 
-def step_program(job: Any, adapter: Any, transformer: torch.nn.Module, groups: Any, config: ParallelConfig) -> StepProgram:
-    """This rank's step program (executor.steps) of `job` under PipeFusion: every rank of the
-    pipeline ends with the final latents."""
+def step_program(job: Any, adapter: Any, experts: list[torch.nn.Module], groups: Any, config: ParallelConfig) -> StepProgram:
+    """This rank's step program (executor.steps) of `job` under PipeFusion, over the adapter's
+    `experts` (each cut to this rank's stage): every rank of the pipeline ends with the final latents."""
     pipe_ranks = groups.members("pipefusion") if groups is not None else [0]
     stage = groups.coordinate("pipefusion") if groups is not None else 0
-    stages = prepare_stage(transformer, job.family, stage, config.pipefusion)
+    stages = [prepare_stage(expert, job.family, stage, config.pipefusion) for expert in experts]
     work = patch_job(job, adapter)
     if config.pipefusion == 1 and config.cfg == 1 and config.sp == 1:
         return sequential_steps(work, stages, config.patches, config.warmup)
