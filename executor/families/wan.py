@@ -306,6 +306,12 @@ def tiny_transformer(seed: int = 0, batch: int = 2, rows: int = 16, cols: int = 
     return TinyTransformer(rand.finish(model), latents, {"encoder_hidden_states": rand.text(batch)}, scheduler)
 
 
+def checkpoint_of(pipe: Any) -> str:
+    """A WanPipeline with two experts is Wan 2.2 A14B's; one with a transformer alone, Wan 2.1's."""
+    two_experts = getattr(pipe, "transformer_2", None) is not None and pipe.config.boundary_ratio is not None
+    return "wan2.2-t2v-a14b" if two_experts else "wan2.1-t2v-1.3b"
+
+
 FAMILY = Family(
     name="wan",
     pipelines={"WanPipeline": "wan2.1-t2v-1.3b"},
@@ -316,4 +322,5 @@ FAMILY = Family(
     tiny_transformer=tiny_transformer,
     describe_blocks=describe_blocks,
     joins_attention=False,
+    checkpoint_of=checkpoint_of,
 )

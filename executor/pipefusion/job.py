@@ -45,12 +45,9 @@ class PatchJob:
     cfg: bool = False
     step_experts: Sequence[int] = ()
 
-    def expert(self, step_index: int) -> int:
-        """The expert that runs step `step_index`."""
-        return self.step_experts[step_index] if self.step_experts else 0
-
     def experts_of_steps(self) -> list[int]:
-        return [self.expert(i) for i in range(len(self.timesteps))]
+        """The expert of each step (the first throughout without `step_experts`)."""
+        return list(self.step_experts) or [0] * len(self.timesteps)
 
     # Keys whose tensors are shared by the whole batch (position tables), never split by CFG.
     SHARED_KEYS = ("image_rotary_emb", "txt_ids", "img_ids")

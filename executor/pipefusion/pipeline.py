@@ -93,7 +93,7 @@ class Item:
 def pipeline_items(steps: int, warmup: int, patches: int, step_experts: Sequence[int] = ()) -> list[Item]:
     """Every item in order: the warmup steps (`costmodel.config.warmup_steps`: the first `warmup`
     steps of each expert) whole, the other steps patch by patch."""
-    full_image = warmup_steps(list(step_experts) or [0] * steps, warmup)
+    full_image = warmup_steps(step_experts or [0] * steps, warmup)
     return [Item(i, m) for i in range(steps) for m in ([None] if full_image[i] else range(patches))]
 
 
