@@ -147,13 +147,18 @@ def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
     back = [0.0] * M
     end = 0.0
     ranks_of = [[g[s] for g in st.groups["pipefusion"]] for s in range(p)]
-    for t in range(st.steps):
+    sends = [[(target, transfers.seconds(s, target, nbytes)) for target, nbytes in messages[s]] for s in range(p)]
+    previous: list[float] | None = None
+    t = 0
+    while t < st.steps:
         if full_image[t]:
             start = max([end, *back])
             if trace is not None:
                 trace_warmup(st, trace, full, t, start)
             end = start + warm_step
             stage_free, send_free, back = [end] * p, [end] * p, [end] * M
+            previous = None
+            t += 1
             continue
         for m in range(M):
             need = [0.0] * p
@@ -165,9 +170,9 @@ def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
                     trace_patch(trace, ranks_of[s], stage_free[s], start, finish, t, m, s)
                 stage_free[s] = finish
                 busy[s] += durations[s][m]
-                for target, nbytes in messages[s]:
+                for target, seconds in sends[s]:
                     send_start = finish if finish > send_free[s] else send_free[s]
-                    arrival = send_start + transfers.seconds(s, target, nbytes)
+                    arrival = send_start + seconds
                     send_free[s] = arrival
                     if trace is not None:
                         for rank in ranks_of[s]:
@@ -179,6 +184,22 @@ def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
                 if p == 1:
                     back[m] = finish  # one process: the next step's patch m waits only for this one
                 end = max(end, finish)
+        t += 1
+        if trace is None:
+            # The recursion only takes sums and maxima of the state, so once a step moves every
+            # state time by the same amount, every later patch step does too: the steps up to the
+            # next warmup step (an expert's first) or the end are that shift.
+            state = stage_free + send_free + back + [end]
+            shift = _uniform_shift(previous, state)
+            if shift is not None:
+                upto = next((u for u in range(t, st.steps) if full_image[u]), st.steps)
+                left = upto - t
+                stage_free, send_free, back = ([x + left * shift for x in xs] for xs in (stage_free, send_free, back))
+                end += left * shift
+                step_busy = [sum(durations[s]) for s in range(p)]
+                busy = [busy[s] + left * step_busy[s] for s in range(p)]
+                t, state = upto, None
+            previous = state
     warmup_s = sum(full_image) * warm_step
     pipelined = st.steps - sum(full_image)
     pipeline_s = end - warmup_s
@@ -199,6 +220,17 @@ def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
     per_step = pipeline_s / pipelined if pipelined else warm_step
     return {"latency": warmup_s + pipeline_s, "breakdown": breakdown, "per_step": per_step, "tiers": tiers,
             "stages": stages}
+
+
+def _uniform_shift(previous: list[float] | None, state: list[float]) -> float | None:
+    """The amount by which every entry of `state` moved since `previous`, if they all moved alike."""
+    if previous is None:
+        return None
+    shift = state[-1] - previous[-1]
+    tolerance = 1e-12 * max(abs(state[-1]), 1.0)
+    if all(abs((now - before) - shift) <= tolerance for now, before in zip(state, previous)):
+        return shift
+    return None
 
 
 def estimate_pipeline(st: Setup) -> dict[str, Any]:

@@ -6,7 +6,7 @@ Schema: profiles/models/README.md. `load_model("flux-dev")` reads profiles/model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from costmodel import strict
@@ -94,11 +94,11 @@ class ModelSpec:
     vae_decode_flops_per_pixel: float
     path: str
 
-    @property
+    @cached_property  # the spec is frozen; simulations ask for it on every prediction
     def num_blocks(self) -> int:
         return sum(group.count for group in self.blocks)
 
-    @property
+    @cached_property
     def block_sequence(self) -> tuple[str, ...]:
         """Every block's kind, in execution order."""
         return tuple(group.kind for group in self.blocks for _ in range(group.count))
@@ -108,7 +108,7 @@ class ModelSpec:
         """Latte: spatial blocks attend within each frame, temporal blocks across frames."""
         return any(group.kind == "temporal" for group in self.blocks)
 
-    @property
+    @cached_property
     def pipeline_units(self) -> tuple[tuple[int, ...], ...]:
         """Block indices grouped into the pieces a PipeFusion stage boundary may not cut: a temporal
         block runs in the same loop iteration as the spatial block before it (Latte), so the two stay

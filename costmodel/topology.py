@@ -147,6 +147,7 @@ class Cluster:
     _paths: dict = field(default_factory=dict, repr=False)
     _pattern_cache: dict = field(default_factory=dict, repr=False)
     _node_paths: dict = field(default_factory=dict, repr=False)  # (device, device) -> devices on the route
+    _flow_cache: dict = field(default_factory=dict, repr=False)  # (pattern, groups) -> Cluster._flows
 
     def tiers(self) -> dict[str, LinkSpec]:
         out = {"pcie": self.pcie}
@@ -182,6 +183,7 @@ class Cluster:
             values["node_graph"] = graph
         else:
             values["_node_paths"] = self._node_paths  # same topology and costs: share the routes
+            values["_flow_cache"] = self._flow_cache
         if hardware is not None:
             values["hardware"] = hardware
         if host_op_us is not None:
@@ -273,9 +275,30 @@ class Cluster:
         cached = self._pattern_cache.get(key)
         if cached is not None:
             return cached
+        edge_loads, paths = self._flows(pattern, groups)
+        links = self.tiers()
+        latency = max((sum(links[tier].latency_us for tier in path) * 1e-6 * factor for path, factor in paths),
+                      default=0.0)
+        if not edge_loads:
+            result = (0.0, 0.0, "local")
+        else:
+            tier, load = max(edge_loads, key=lambda edge: edge[1] * links[edge[0]].seconds_per_byte(pattern))
+            result = (load * links[tier].seconds_per_byte(pattern), latency + self.collective_launch_us * 1e-6, tier)
+        self._pattern_cache[key] = result
+        return result
+
+    def _flows(self, pattern: str, groups: tuple[tuple[int, ...], ...]
+               ) -> tuple[tuple[tuple[str, float], ...], tuple[tuple[tuple[str, ...], float], ...]]:
+        """What `pattern_cost` needs of the topology alone, so that copies with other link figures
+        (calibration tries thousands) reuse it: each crossed directed link's tier and load (bytes
+        per byte a rank contributes), and each flow's path as tiers with its latency multiplier."""
+        key = (pattern, groups)
+        cached = self._flow_cache.get(key)
+        if cached is not None:
+            return cached
         loads: dict[tuple, float] = {}
-        links: dict[tuple, LinkSpec] = {}
-        latency = 0.0
+        tiers: dict[tuple, str] = {}
+        paths: dict[tuple[tuple[str, ...], float], None] = {}
         for group in groups:
             n = len(group)
             if n < 2:
@@ -294,19 +317,13 @@ class Cluster:
                 raise ValueError(f"unknown pattern {pattern!r}")
             for src, dst, weight in flows:
                 hops = self.route(src, dst)
-                path_latency = sum(link.latency_us for _, link in hops) * 1e-6
-                latency = max(latency, path_latency * hop_latency_factor)
+                paths[(tuple(link.tier for _, link in hops), hop_latency_factor)] = None
                 for edge, link in hops:
                     loads[edge] = loads.get(edge, 0.0) + weight
-                    links[edge] = link
-        if not loads:
-            result = (0.0, 0.0, "local")
-        else:
-            edge = max(loads, key=lambda e: loads[e] * links[e].seconds_per_byte(pattern))
-            per_byte = loads[edge] * links[edge].seconds_per_byte(pattern)
-            result = (per_byte, latency + self.collective_launch_us * 1e-6, links[edge].tier)
-        self._pattern_cache[key] = result
-        return result
+                    tiers[edge] = link.tier
+        cached = (tuple((tiers[edge], load) for edge, load in loads.items()), tuple(paths))
+        self._flow_cache[key] = cached
+        return cached
 
     def comm_time(self, pattern: str, groups: tuple[tuple[int, ...], ...], nbytes: float) -> tuple[float, str]:
         """Seconds for `pattern` over the concurrent `groups` with `nbytes` per rank, and its tier."""

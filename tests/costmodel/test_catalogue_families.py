@@ -50,6 +50,10 @@ def test_pipefusion_warms_up_each_expert_as_the_executor_does() -> None:
     last_patch_before = max(e["ts"] + e["dur"] for e in two.trace if e.get("cat") == "compute" and e["args"].get("step") == 25)
     assert min(e["ts"] for e in two.trace if e["name"] == "warmup step 26") >= last_patch_before
     assert estimate(a14b, "h100-sxm-nvlink-8", config, steps=40).latency_s == pytest.approx(two.latency_s, rel=0.1)
+    # Without a trace the simulation extrapolates a periodic state, up to the second expert's warmup only.
+    quick = simulate(a14b, "h100-sxm-nvlink-8", config, steps=40)
+    assert quick.latency_s == pytest.approx(two.latency_s, rel=1e-9)
+    assert quick.breakdown == pytest.approx(two.breakdown, rel=1e-9)
 
 
 def test_sana_ring_exchanges_summaries_not_keys_and_values() -> None:

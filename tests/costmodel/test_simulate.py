@@ -210,6 +210,20 @@ def test_trace_has_a_track_per_rank_with_compute_communication_and_waiting():
                     steps=6).trace is None
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cases())
+def test_pipefusion_shortcut_to_its_periodic_state_changes_nothing(case):
+    """Without a trace the event simulation stops once a step shifts every time alike and
+    extrapolates; with one it runs every step. Both give the same figures."""
+    model, cluster, gpus, config, shape = case
+    assume(config.pipefusion > 1)
+    quick = run(model, cluster, gpus, config, shape)
+    full = run(model, cluster, gpus, config, shape, trace=True)
+    assert quick.latency_s == pytest.approx(full.latency_s, rel=1e-9)
+    for key, value in full.breakdown.items():
+        assert quick.breakdown[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
 @pytest.mark.parametrize("config", ["pipefusion=8", "cfg=2,pipefusion=4,patches=8", "ulysses=2,pipefusion=4,warmup=0"])
 def test_closed_form_estimate_tracks_the_simulator(config):
     cluster = load_cluster("l40-pcie-8", gpus=8)
