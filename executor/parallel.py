@@ -131,9 +131,6 @@ class ParallelPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise DitplanError("prompt: give a text or a list of texts.")
-        if guidance_scale_2 is not None and len(self.adapter.experts) == 1:
-            raise DitplanError(f"guidance_scale_2={guidance_scale_2}: it guides the second of two experts, and this "
-                               f"{self.adapter.family} pipeline has one transformer.")
         if isinstance(generator, list):
             if len(generator) != len(prompts):
                 raise DitplanError(f"generator: {len(generator)} generators for {len(prompts)} prompts; give one per prompt.")

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, NamedTuple, 
 
 import torch
 
+from costmodel.errors import DitplanError
+
 if TYPE_CHECKING:  # the family modules import these; base.py stays importable on its own
     from executor.pipefusion.stages import StagedTransformer
     from executor.sp import SequenceParallelHandle
@@ -250,8 +252,12 @@ class FamilyAdapter:
 
     def basics(self, request: GenerationRequest, default_height: int, default_width: int | None = None) -> "RequestBasics":
         """What every `prepare` starts from: the request's size (or the family's default), steps and
-        guidance scale (or the pipeline's), whether it runs an unconditional branch, its prompt count."""
+        guidance scale (or the pipeline's), whether it runs an unconditional branch, its prompt count.
+        Refuses a second guidance scale where no second expert takes it."""
         steps, guidance = self.steps_and_guidance(request)
+        if request.guidance_scale_2 is not None and len(self.experts) == 1:
+            raise DitplanError(f"guidance_scale_2={request.guidance_scale_2}: it guides the second of two experts, and "
+                               f"this {self.family} pipeline has one transformer.")
         return RequestBasics(
             height=request.height or default_height, width=request.width or (default_width or default_height),
             steps=steps, guidance=guidance, do_cfg=self.uses_cfg(guidance), batch=len(request.prompts),

@@ -92,9 +92,6 @@ class WanAdapter(FamilyAdapter):
         height, width, steps, guidance, do_cfg, batch = self.basics(
             request, self.call_default("height"), self.call_default("width"))
         boundary_ratio = getattr(pipe.config, "boundary_ratio", None)
-        if boundary_ratio is None and request.guidance_scale_2 is not None:
-            raise DitplanError("Wan: guidance_scale_2 guides the low-noise expert; this pipeline has one transformer "
-                               "(no boundary_ratio).")
         if height % 16 or width % 16:
             raise DitplanError(f"Wan: height and width must be multiples of 16 pixels; {height}x{width} is not.")
         # The pipeline's own rounding: 4k + 1 frames, a size that patchifies whole.

@@ -46,14 +46,18 @@ def test_stage_holds_exactly_its_tensors_from_the_checkpoint(model_id: str, tmp_
 def test_a_stage_of_a_two_expert_pipeline_loads_its_blocks_of_each_expert(tmp_path: Path, monkeypatch) -> None:
     import diffusers
 
+    from executor.pipefusion.loading import load_stage_experts
     from executor.tiny import save_tiny_pipeline
-    from executor.worker import _stage_transformer
+    from executor.worker import load_pipeline
 
     save_tiny_pipeline("tiny-wan2.2", tmp_path)
     for stage in range(2):
-        monkeypatch.setenv("RANK", str(stage))
-        loaded = _stage_transformer(tmp_path, "pipefusion=2", torch.float32)
+        loaded = load_stage_experts(tmp_path, "wan", stage, 2)
         assert set(loaded) == {"transformer", "transformer_2"}
+        monkeypatch.setenv("RANK", str(stage))  # a worker of `ditplan run` loads the same stages
+        pipe = load_pipeline(str(tmp_path), "pipefusion=2,patches=2,warmup=1")
+        for name, model in loaded.items():
+            assert parameter_count(getattr(pipe, name)) == parameter_count(model), name
         for name, model in loaded.items():
             full = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / name)
             full_tensors = dict(full.named_parameters())
