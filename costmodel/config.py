@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
+from typing import Sequence
 
 from costmodel.errors import DitplanError
 
@@ -24,7 +25,8 @@ class ParallelConfig:
     """Degrees of the hybrid: cfg x ulysses x ring x pipefusion x dp GPUs.
 
     `patches` is PipeFusion's patch count M (default: the pipefusion degree); `warmup` is the
-    number of synchronous full-image steps before the patch pipeline starts. `vae` is how many ranks
+    number of synchronous full-image steps before the patch pipeline starts (of each expert, for a
+    model whose experts take turns: `warmup_steps`). `vae` is how many ranks
     of one replica decode the VAE together in row strips (not an axis: it adds no GPUs).
     """
 
@@ -182,6 +184,21 @@ class Placement:
     def parse(cls, config: ParallelConfig, text: str | list[str] | tuple[str, ...]) -> "Placement":
         order = [part.strip() for part in text.split(",")] if isinstance(text, str) else list(text)
         return cls(config, tuple(order))
+
+
+def warmup_steps(step_experts: Sequence[int], warmup: int) -> list[bool]:
+    """Which steps PipeFusion runs as synchronous full-image warmup steps, given the expert of each
+    step (Wan 2.2 A14B: a high-noise then a low-noise transformer; one expert: all 0).
+
+    The first `warmup` steps of each expert's run: an expert's stale K/V come from its own layers
+    only, so the first steps of the expert taking over find its buffers empty, as the first expert's
+    did at step 0, and fill them the same way (with warmup=0 its first patch step starts from empty
+    buffers). The executor runs these steps and the cost model prices them."""
+    flags, run = [], 0
+    for index, expert in enumerate(step_experts):
+        run = run + 1 if index and expert == step_experts[index - 1] else 1
+        flags.append(run <= warmup)
+    return flags
 
 
 def _strides(degrees: tuple[int, ...], order: tuple[str, ...]) -> tuple[tuple[str, int], ...]:

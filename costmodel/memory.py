@@ -32,7 +32,8 @@ def memory_gib(st: Setup, stages: list | None) -> dict[str, float]:
         activations += (L // 2 - 1) * st.batch * local * h * b  # long-skip outputs held until the mirror block
     kv = 0.0
     if config.uses_patches:
-        # Stale K/V of the whole sequence for this rank's heads, in every attention layer it holds.
+        # Stale K/V of the whole sequence for this rank's heads, in every attention layer it holds
+        # (of one expert: the executor drops the first expert's buffers when the second takes over).
         layers = max(sum(1 for _, kind in blocks if kind != "temporal") for blocks in stages) if stages else L
         if model.linear_attention:
             # The stale state is each patch's fp32 key-value summary, per head (head_dim + 1) x head_dim.

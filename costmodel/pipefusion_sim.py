@@ -4,6 +4,11 @@ Synchronous full-image warmup steps, then the patch pipeline with cross-step pip
 starts patch m of step t+1 once the last stage has sent back patch m of step t), asynchronous sends
 queued per sender, the MM-DiT text stream split into strips with the patches, and HunyuanDiT's long
 skips relayed to the mirror stage.
+
+Two experts (Wan 2.2 A14B): which steps are warmup steps is `costmodel.config.warmup_steps`, the
+rule the executor runs: the first `warmup` steps of each expert, since the expert taking over has
+no stale K/V of its own yet. So at the boundary the pipeline drains (the warmup step waits for
+every strip of the step before), runs the expert's warmup steps whole, and fills again.
 """
 from __future__ import annotations
 
@@ -11,8 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from costmodel.block_cost import BlockCost, sequence_cost, step_extras
+from costmodel.config import warmup_steps
 from costmodel.sim_setup import Setup, latent_bytes
 from costmodel.trace import event, trace_patch, trace_warmup
+
+
+def full_image_steps(st: Setup) -> list[bool]:
+    """Which of the setup's steps run as synchronous full-image warmup steps."""
+    return warmup_steps(st.model.step_experts(st.steps), st.config.warmup)
+
 
 def stages_of(st: Setup) -> list[list[tuple[int, str]]]:
     """Contiguous balanced split of the pipeline units (see ModelSpec.pipeline_units) over the stages."""
@@ -125,24 +137,29 @@ def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
     durations = [[patch[s].compute + patch[s].comm + (per_patch_extra if s == p - 1 else 0.0) for _ in range(M)]
                  for s in range(p)]
 
-    # Warmup: synchronous full-image steps through the stages in turn.
+    # Warmup steps run the full image through the stages in turn, once every strip of the step
+    # before is back (at the start, and where an expert takes over); the others, patch by patch.
     warm_step = _warm_step(st, parts)
-    warmup_steps = min(config.warmup, st.steps)
-    warmup_s = warmup_steps * warm_step
-    if trace is not None:
-        trace_warmup(st, trace, full, stages, warmup_steps, warm_step)
-
-    # Patch pipeline.
-    stage_free = [warmup_s] * p
-    send_free = [warmup_s] * p
+    full_image = full_image_steps(st)
+    stage_free = [0.0] * p
+    send_free = [0.0] * p
     busy = [0.0] * p
-    back = [warmup_s] * M
-    end = warmup_s
+    back = [0.0] * M
+    end = 0.0
     ranks_of = [[g[s] for g in st.groups["pipefusion"]] for s in range(p)]
     sends = [[(target, transfers.seconds(s, target, nbytes)) for target, nbytes in messages[s]] for s in range(p)]
     previous: list[float] | None = None
-    t = warmup_steps
+    t = 0
     while t < st.steps:
+        if full_image[t]:
+            start = max([end, *back])
+            if trace is not None:
+                trace_warmup(st, trace, full, t, start)
+            end = start + warm_step
+            stage_free, send_free, back = [end] * p, [end] * p, [end] * M
+            previous = None
+            t += 1
+            continue
         for m in range(M):
             need = [0.0] * p
             need[0] = back[m]
@@ -170,18 +187,21 @@ def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
         t += 1
         if trace is None:
             # The recursion only takes sums and maxima of the state, so once a step moves every
-            # state time by the same amount, every later step does too: the rest is that shift.
+            # state time by the same amount, every later patch step does too: the steps up to the
+            # next warmup step (an expert's first) or the end are that shift.
             state = stage_free + send_free + back + [end]
             shift = _uniform_shift(previous, state)
             if shift is not None:
-                left = st.steps - t
+                upto = next((u for u in range(t, st.steps) if full_image[u]), st.steps)
+                left = upto - t
                 stage_free, send_free, back = ([x + left * shift for x in xs] for xs in (stage_free, send_free, back))
                 end += left * shift
                 step_busy = [sum(durations[s]) for s in range(p)]
                 busy = [busy[s] + left * step_busy[s] for s in range(p)]
-                break
+                t, state = upto, None
             previous = state
-    pipelined = st.steps - warmup_steps
+    warmup_s = sum(full_image) * warm_step
+    pipelined = st.steps - sum(full_image)
     pipeline_s = end - warmup_s
     bottleneck = max(range(p), key=lambda s: busy[s])
     bottleneck_comm = (patch[bottleneck].comm + (extra_comm / M if bottleneck == p - 1 else 0.0)) * M * pipelined
@@ -225,13 +245,16 @@ def estimate_pipeline(st: Setup) -> dict[str, Any]:
     cycle = sum(per_patch) + p * hop  # one patch around the stage ring
     per_step = max(M * max(per_patch), cycle)
     warm_step = _warm_step(st, parts)
-    warmup_steps = min(config.warmup, st.steps)
-    pipelined = st.steps - warmup_steps
-    pipeline_s = (cycle - max(per_patch) + per_step * pipelined) if pipelined else 0.0
+    full_image = full_image_steps(st)
+    warm = sum(full_image)
+    pipelined = st.steps - warm
+    # Each run of patch steps between warmup steps fills the pipeline once.
+    runs = sum(1 for t in range(st.steps) if not full_image[t] and (t == 0 or full_image[t - 1]))
+    pipeline_s = runs * (cycle - max(per_patch)) + per_step * pipelined
     busy = max(per_patch) * M * pipelined
     return {
-        "latency": warmup_steps * warm_step + pipeline_s,
-        "breakdown": {"warmup_s": warmup_steps * warm_step, "compute_s": min(busy, pipeline_s),
+        "latency": warm * warm_step + pipeline_s,
+        "breakdown": {"warmup_s": warm * warm_step, "compute_s": min(busy, pipeline_s),
                       "communication_s": 0.0, "bubble_s": max(0.0, pipeline_s - busy)},
         "per_step": per_step if pipelined else warm_step, "tiers": {}, "stages": parts.stages,
     }

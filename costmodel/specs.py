@@ -26,6 +26,8 @@ ATTENTION_KINDS = ("softmax", "linear")
 # The deepest DiTs have well under a hundred blocks; the cost model walks the blocks one by one,
 # so a count far past any real model is refused rather than walked.
 MAX_BLOCKS = 10_000
+# The training timesteps of the flow-matching schedulers (the expert boundary is a ratio of them).
+TRAIN_TIMESTEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class ModelSpec:
     face_attention: "FaceAttention | None"
     experts: int  # transformers of the same shape taking turns over the steps (Wan 2.2 A14B: 2)
     expert_boundary_ratio: float  # the first expert runs while t >= this x the training timesteps
+    flow_shift: float  # the scheduler's shift of its flow-matching sigmas (where the boundary falls among the steps)
     blocks: tuple[BlockGroup, ...]
     text_tokens: int
     text_hidden: int
@@ -126,6 +129,24 @@ class ModelSpec:
     def resident_params(self) -> float:
         """Transformer parameters held in memory: every expert stays loaded, one runs per step."""
         return self.params * self.experts
+
+    def step_experts(self, steps: int) -> tuple[int, ...]:
+        """The expert each of `steps` steps runs (0: the first, 1: the second).
+
+        The steps' timesteps are those of the flow-matching schedulers Wan's pipelines use (UniPC
+        with flow sigmas): sigmas evenly spaced from 1 down to 1/1000, shifted to
+        shift x s / (1 + (shift - 1) x s), times 1000 training timesteps, truncated to integers;
+        the first expert runs while t >= expert_boundary_ratio x 1000, as the pipeline decides."""
+        if self.experts == 1:
+            return (0,) * steps
+        boundary = self.expert_boundary_ratio * TRAIN_TIMESTEPS
+        shift = self.flow_shift
+        experts = []
+        for i in range(steps):
+            s = 1.0 - i * (1.0 - 1.0 / TRAIN_TIMESTEPS) / steps
+            t = int(shift * s / (1.0 + (shift - 1.0) * s) * TRAIN_TIMESTEPS)
+            experts.append(0 if t >= boundary else 1)
+        return tuple(experts)
 
     @property
     def encoder_params(self) -> float:
@@ -182,7 +203,7 @@ def _load_model_file(path_text: str) -> ModelSpec:
         data["transformer"], tw,
         ("params", "hidden_size", "num_heads", "head_dim", "mlp_ratio", "patch_size", "in_channels", "blocks"),
         ("num_kv_heads", "temporal_patch_size", "skip_connections", "cross_attention_dim", "repeat", "attention",
-         "experts", "expert_boundary_ratio", "face_attention", "notes"),
+         "experts", "expert_boundary_ratio", "flow_shift", "face_attention", "notes"),
     )
     repeat = strict.integer(tr, "repeat", tw, maximum=MAX_BLOCKS, default=1)
     groups = []
@@ -226,6 +247,7 @@ def _load_model_file(path_text: str) -> ModelSpec:
     if experts == 2 and not 0.0 < boundary < 1.0:
         raise DitplanError(f"{tw}.expert_boundary_ratio: {boundary} must be between 0 and 1 (exclusive) "
                            "for two experts.")
+    flow_shift = strict.number(tr, "flow_shift", tw, default=1.0)
     face = None
     if "face_attention" in tr:
         fw = f"{tw}.face_attention"
@@ -259,6 +281,7 @@ def _load_model_file(path_text: str) -> ModelSpec:
         face_attention=face,
         experts=experts,
         expert_boundary_ratio=boundary,
+        flow_shift=flow_shift,
         blocks=blocks,
         text_tokens=strict.integer(tx, "tokens", xw),
         text_hidden=strict.integer(tx, "hidden", xw),

@@ -18,16 +18,15 @@ def trace_patch(trace: list, ranks: list[int], free: float, start: float, finish
         trace.append(event(f"step {t} patch {m}", "compute", rank, 0, start, finish, step=t, patch=m, stage=s))
 
 
-def trace_warmup(st: Setup, trace: list, full: list, stages: list, warmup_steps: int, warm_step: float) -> None:
-    for t in range(warmup_steps):
-        clock = t * warm_step
-        for s, cost in enumerate(full):
-            for g in st.groups["pipefusion"]:
-                trace.append(event(f"warmup step {t}", "compute", g[s], 0, clock, clock + cost.compute, step=t, stage=s))
-                if cost.comm:
-                    trace.append(event("sequence-parallel communication", "communication", g[s], 1,
-                                        clock + cost.compute, clock + cost.compute + cost.comm))
-            clock += cost.compute + cost.comm
+def trace_warmup(st: Setup, trace: list, full: list, t: int, clock: float) -> None:
+    """Warmup step t (the whole image through the stages in turn), starting at `clock`."""
+    for s, cost in enumerate(full):
+        for g in st.groups["pipefusion"]:
+            trace.append(event(f"warmup step {t}", "compute", g[s], 0, clock, clock + cost.compute, step=t, stage=s))
+            if cost.comm:
+                trace.append(event("sequence-parallel communication", "communication", g[s], 1,
+                                    clock + cost.compute, clock + cost.compute + cost.comm))
+        clock += cost.compute + cost.comm
 
 
 def trace_steps(trace: list, world: int, steps: int, step_compute: float, step_comm: float) -> None:

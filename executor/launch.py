@@ -191,7 +191,7 @@ def worker_argv(args: argparse.Namespace, plan: str) -> list[str]:
     argv = ["--model", args.model, "--plan", plan, "--out", args.out, "--seed", str(args.seed)]
     if args.prompt:
         argv += ["--prompt", *args.prompt]
-    for flag in ("negative_prompt", "height", "width", "frames", "steps", "guidance_scale", "cluster", "backend"):
+    for flag in ("negative_prompt", "height", "width", "frames", "steps", "guidance_scale", "guidance_scale_2", "cluster", "backend"):
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]

@@ -41,7 +41,7 @@ def denoise(
     config = config or ParallelConfig()
     assert config.cfg == 1 or job.do_cfg, f"{config}: refused at the entrance (executor.parallel), cfg=2 without guidance"
     if config.pipelines:
-        program = step_program(job, adapter, adapter.transformer, groups, config)
+        program = step_program(job, adapter, adapter.experts, groups, config)
     else:
         program = _batch_steps(job, adapter, config, groups)
     return run_steps(program, len(job.timesteps), job.latents.device, on_step, groups.rank if groups is not None else 0)

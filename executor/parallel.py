@@ -111,13 +111,14 @@ class ParallelPipeline:
         self.show_progress = (self.rank == 0) if show_progress is None else (show_progress and self.rank == 0)
         self.last_timings = RunTimings()
         self.last_sizes: dict[str, Any] = {}
-        self._sp_handle = None
+        self._sp_handles = []
         if config.sp > 1 and not config.pipelines:
-            self._sp_handle = _enable_sp(pipe.transformer, self.adapter.family, groups)
+            self._sp_handles = [_enable_sp(expert, self.adapter.family, groups) for expert in self.adapter.experts]
         if config.pipefusion > 1:
-            # Drop the other stages' blocks now, before the first call (a no-op for a transformer
-            # loaded as this stage alone).
-            prepare_stage(pipe.transformer, self.adapter.family, groups.coordinate("pipefusion"), config.pipefusion)
+            # Drop the other stages' blocks of every expert now, before the first call (a no-op for
+            # a transformer loaded as this stage alone).
+            for expert in self.adapter.experts:
+                prepare_stage(expert, self.adapter.family, groups.coordinate("pipefusion"), config.pipefusion)
         self._decode_group = build_decode_group(config, placement, self.rank)
 
     def layout(self) -> str:
@@ -126,7 +127,7 @@ class ParallelPipeline:
 
     def _request(self, prompt: Any, negative_prompt: str | None, height: int | None, width: int | None,
                  num_frames: int | None, num_inference_steps: int | None, guidance_scale: float | None,
-                 generator: Any, seed: int | None, output_type: str) -> GenerationRequest:
+                 generator: Any, seed: int | None, output_type: str, guidance_scale_2: float | None = None) -> GenerationRequest:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise DitplanError("prompt: give a text or a list of texts.")
@@ -140,7 +141,7 @@ class ParallelPipeline:
         return GenerationRequest(
             prompts=prompts, negative_prompt=negative_prompt, height=height, width=width,
             num_frames=num_frames if self.adapter.is_video else None, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generators=generators, output_type=output_type,
+            guidance_scale=guidance_scale, generators=generators, output_type=output_type, guidance_scale_2=guidance_scale_2,
         )
 
     @torch.no_grad()
@@ -148,14 +149,16 @@ class ParallelPipeline:
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  output_type: str = "pil", num_frames: int | None = None, seed: int | None = None,
-                 return_dict: bool = True) -> Any:
-        """Generate; rank 0 returns the pipeline-like output (`.images` or `.frames`), other ranks None."""
+                 return_dict: bool = True, guidance_scale_2: float | None = None) -> Any:
+        """Generate; rank 0 returns the pipeline-like output (`.images` or `.frames`), other ranks None.
+
+        `guidance_scale_2`: the low-noise expert's guidance scale (two-expert pipelines, as diffusers')."""
         started = now(self.device)
         timings = RunTimings()
-        if self._sp_handle is not None:
-            self._sp_handle.new_generation()
+        for handle in self._sp_handles:
+            handle.new_generation()
         request = self._request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
-                                guidance_scale, generator, seed, output_type)
+                                guidance_scale, generator, seed, output_type, guidance_scale_2)
         job = self.adapter.prepare(request)
         # Refuse, on every rank alike and before any collective, what this plan cannot do at this size.
         problems = model_problems(self.config, self.adapter, self.model_id, job.height, job.width,
@@ -221,10 +224,10 @@ class ParallelPipeline:
         return _merge(parts)
 
     def close(self) -> None:
-        """Undo the sequence-parallel processors installed on the transformer."""
-        if self._sp_handle is not None:
-            self._sp_handle.remove()
-            self._sp_handle = None
+        """Undo the sequence-parallel processors installed on the transformers."""
+        for handle in self._sp_handles:
+            handle.remove()
+        self._sp_handles = []
 
 
 def _on_host(value: Any) -> Any:

@@ -107,12 +107,20 @@ def derive_spec(
     spec = copy.deepcopy(load_tiny_spec(base_id))
     spec["id"] = new_id
     spec["source"] = f"{DERIVED_FROM}{base_id} with transformer overrides {dict(transformer or {})}"
-    spec["build"]["components"]["transformer"]["config"].update(transformer or {})
+    for config in _transformer_configs(spec):
+        config.update(transformer or {})
     for key, value in (defaults or {}).items():
         if key not in ("default_height", "default_width", "default_frames", "default_steps"):
             raise DitplanError(f"derive_spec: {key!r} is not a default this recipe has.")
         spec[key] = value
     return spec
+
+
+def _transformer_configs(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipe's transformer configs: the transformer's, and a second expert's (Wan 2.2's
+    `transformer_2`) where there is one; overrides change both, which must keep one shape."""
+    components = spec["build"]["components"]
+    return [components[name]["config"] for name in ("transformer", "transformer_2") if components.get(name)]
 
 
 # -- tokenizers ---------------------------------------------------------------------------------
@@ -232,7 +240,8 @@ def _instantiate(spec: dict[str, Any], seed: int) -> Any:
 def save_tiny_pipeline(model_id: str | dict[str, Any], folder: str | Path, seed: int = 0, **transformer_overrides: Any) -> Path:
     """Build the tiny pipeline (seeded) and `save_pretrained` it to `folder`; returns the folder."""
     spec = load_tiny_spec(model_id) if isinstance(model_id, str) else copy.deepcopy(model_id)
-    spec["build"]["components"]["transformer"]["config"].update(transformer_overrides)
+    for config in _transformer_configs(spec):
+        config.update(transformer_overrides)
     pipe = _instantiate(spec, seed)
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -303,6 +312,11 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
     }
     figures["mlp_ratio"] = float(description.mlp_width) / figures["hidden_size"]
     figures["params"] = _params(pipe.transformer)
+    boundary_ratio = getattr(pipe.config, "boundary_ratio", None)
+    if boundary_ratio is not None:  # two experts of one shape (Wan 2.2 A14B): `params` is one expert's
+        figures["experts"] = 2
+        figures["expert_boundary_ratio"] = float(boundary_ratio)
+        figures["flow_shift"] = float(pipe.scheduler.config.flow_shift)
 
     adapter = adapter_for(pipe)
     from executor.families.base import GenerationRequest

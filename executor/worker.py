@@ -39,9 +39,15 @@ def _is_peer_loss(error: BaseException) -> bool:
         marker in text for marker in ("connection closed", "connection reset", "broken pipe"))
 
 
+def _model_index(folder: Path) -> dict[str, Any]:
+    """A pipeline folder's model_index.json (empty where there is none)."""
+    path = folder / "model_index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _stage_transformer(folder: Path, plan: str, dtype: Any) -> dict[str, Any]:
     """from_pretrained overrides for a pipeline folder under PipeFusion: this rank's stage of the
-    transformer, read alone from the checkpoint, so other stages' blocks never exist here."""
+    transformer (of each expert), read alone from the checkpoint, so other stages' blocks never exist here."""
     if plan == "auto":
         return {}
     from planner.plan import resolve_plan
@@ -51,17 +57,17 @@ def _stage_transformer(folder: Path, plan: str, dtype: Any) -> dict[str, Any]:
     if config.pipefusion == 1:
         return {}
     from executor.families import family_of_pipeline_class
-    from executor.pipefusion import load_stage_transformer
+    from executor.pipefusion import load_stage_experts
 
-    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
-    family = family_of_pipeline_class(index.get("_class_name", ""))
+    family = family_of_pipeline_class(_model_index(folder).get("_class_name", ""))
     if family is None:
         return {}  # not a family the executor runs: parallelize refuses it by name after loading
     rank = int(os.environ.get("RANK", "0"))
     if rank >= config.world_size:
         return {}  # parallelize refuses the GPU-count mismatch, on every rank alike
     stage = placement.coordinates(rank)["pipefusion"]
-    return {"transformer": load_stage_transformer(folder, family, stage, config.pipefusion).to(dtype)}
+    experts = load_stage_experts(folder, family, stage, config.pipefusion)
+    return {name: transformer.to(dtype) for name, transformer in experts.items()}
 
 
 def load_pipeline(model: str, plan: str = "cfg=1") -> Any:
@@ -76,7 +82,11 @@ def load_pipeline(model: str, plan: str = "cfg=1") -> Any:
     quiet_libraries()
     dtype = compute_dtype(local_device())
     overrides = _stage_transformer(Path(model), plan, dtype) if Path(model).is_dir() else {}
-    pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype, **overrides)
+    # The folder's own pipeline class: DiffusionPipeline's from_pretrained would load an optional
+    # component from the folder in place of the stage passed for it (WanPipeline's transformers).
+    index = _model_index(Path(model))
+    loader = getattr(diffusers, str(index.get("_class_name")), None) if overrides else None
+    pipe = (loader or diffusers.DiffusionPipeline).from_pretrained(model, dtype=dtype, **overrides)
     _ensure_dtype(pipe, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -159,7 +169,7 @@ def run_worker(args: Any) -> int:
         output = parallel(
             prompt=prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
             num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-            output_type="pil",
+            output_type="pil", guidance_scale_2=args.guidance_scale_2,
         )
     timings = parallel.last_timings.to_dict()
     if timeline is not None:

@@ -170,6 +170,10 @@ def import_model(path: str | Path, model_id: str | None = None) -> dict[str, Any
                                "two experts need the ratio at which the second takes over.")
         transformer["experts"] = 2
         transformer["expert_boundary_ratio"] = float(index["boundary_ratio"])
+        # The scheduler's flow shift places the boundary among the steps.
+        scheduler_path = path / "scheduler" / "scheduler_config.json"
+        if scheduler_path.exists() and isinstance(_read_json(scheduler_path).get("flow_shift"), (int, float)):
+            transformer["flow_shift"] = float(_read_json(scheduler_path)["flow_shift"])
     vae = {"params": reference.vae_params, "spatial_factor": reference.vae_spatial_factor,
            "temporal_factor": reference.vae_temporal_factor, "latent_channels": reference.vae_latent_channels,
            "decode_flops_per_pixel": reference.vae_decode_flops_per_pixel}

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, NamedTuple, 
 
 import torch
 
+from costmodel.errors import DitplanError
+
 if TYPE_CHECKING:  # the family modules import these; base.py stays importable on its own
     from executor.pipefusion.stages import StagedTransformer
     from executor.sp import SequenceParallelHandle
@@ -61,6 +63,8 @@ class GenerationRequest:
     guidance_scale: float | None = None
     generators: list[torch.Generator] | None = None
     output_type: str = "pil"
+    # The low-noise expert's guidance scale (two-expert pipelines; None: `guidance_scale`).
+    guidance_scale_2: float | None = None
 
     def subset(self, indices: Sequence[int]) -> "GenerationRequest":
         """The same request for a subset of the prompts (data parallelism)."""
@@ -86,6 +90,8 @@ class DenoiseJob:
     token_grid: (frames, rows, cols) of image tokens the transformer attends over, after patchify;
         PipeFusion splits `rows` into patches, SP splits the flattened sequence.
     extras: family-specific values (scheduler step kwargs, sizes for decoding, learned-sigma flag...).
+    expert_boundary: where the pipeline has two experts (Wan 2.2 A14B), the timestep from which down
+        the second runs (`expert_of`); None: one transformer runs every step.
     """
 
     family: str
@@ -103,6 +109,17 @@ class DenoiseJob:
     token_grid: tuple[int, int, int]
     output_type: str = "pil"
     extras: dict[str, Any] = field(default_factory=dict)
+    expert_boundary: float | None = None
+
+    def expert_of(self, t: Any) -> int:
+        """Which of the adapter's `experts` runs timestep t: the first while t >= expert_boundary,
+        the second below it (the rule of Wan 2.2's pipeline)."""
+        return 0 if self.expert_boundary is None or t >= self.expert_boundary else 1
+
+    @property
+    def step_experts(self) -> list[int]:
+        """The expert of each step, in loop order."""
+        return [self.expert_of(t) for t in self.timesteps]
 
     @property
     def do_cfg(self) -> bool:
@@ -196,6 +213,12 @@ class FamilyAdapter:
         return self.pipe.transformer
 
     @property
+    def experts(self) -> list[torch.nn.Module]:
+        """The transformers that take turns over the steps (`DenoiseJob.expert_of`): the transformer
+        alone, or Wan 2.2 A14B's high-noise and low-noise experts. Parallel methods install on each."""
+        return [self.transformer]
+
+    @property
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
@@ -229,8 +252,12 @@ class FamilyAdapter:
 
     def basics(self, request: GenerationRequest, default_height: int, default_width: int | None = None) -> "RequestBasics":
         """What every `prepare` starts from: the request's size (or the family's default), steps and
-        guidance scale (or the pipeline's), whether it runs an unconditional branch, its prompt count."""
+        guidance scale (or the pipeline's), whether it runs an unconditional branch, its prompt count.
+        Refuses a second guidance scale where no second expert takes it."""
         steps, guidance = self.steps_and_guidance(request)
+        if request.guidance_scale_2 is not None and len(self.experts) == 1:
+            raise DitplanError(f"guidance_scale_2={request.guidance_scale_2}: it guides the second of two experts, and "
+                               f"this {self.family} pipeline has one transformer.")
         return RequestBasics(
             height=request.height or default_height, width=request.width or (default_width or default_height),
             steps=steps, guidance=guidance, do_cfg=self.uses_cfg(guidance), batch=len(request.prompts),
@@ -277,8 +304,9 @@ class FamilyAdapter:
         return kwargs
 
     def model_output(self, job: DenoiseJob, latents: torch.Tensor, t: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
-        """The transformer's output over `branches`, batched in order: one call, as most pipelines make it."""
-        return self.transformer(**self.transformer_kwargs(job, latents, t, branches))[0]
+        """The transformer's output over `branches`, batched in order: one call of the expert of
+        timestep t, as most pipelines make it."""
+        return self.experts[job.expert_of(t)](**self.transformer_kwargs(job, latents, t, branches))[0]
 
     def noise_prediction(self, job: DenoiseJob, output: torch.Tensor) -> torch.Tensor:
         """The scheduler-ready noise from the transformer's output tensor (default: as is)."""

@@ -15,8 +15,11 @@ Here, everything the executor needs for the family:
   self-attention gets this rank's rows. Cross-attention (`attn2`) stays local.
 * `WanStages`: the PipeFusion cutter (conditioning, patch embedding, blocks, head on a row strip).
 
-Wan 2.2's two-expert pipelines (`transformer_2`, `boundary_ratio`) and its per-token timesteps
-(`expand_timesteps`, TI2V) are refused in words.
+Wan 2.2 A14B's two experts (`transformer_2`, `boundary_ratio`) take turns as in the pipeline's
+`__call__`: the high-noise `transformer` runs while t >= boundary_ratio x the training timesteps,
+then the low-noise `transformer_2`, whose steps are guided with `guidance_scale_2` (default: the
+guidance scale). The adapter lists both as its `experts`; every method installs on each.
+Per-token timesteps (`expand_timesteps`, TI2V) are refused in words.
 """
 from __future__ import annotations
 
@@ -36,18 +39,23 @@ from executor.sp.processors import SequenceShard, _project_out, _refuse_mask, _S
 
 
 def _refuse_unsupported(pipe: Any) -> None:
-    if getattr(pipe, "transformer_2", None) is not None or getattr(pipe.config, "boundary_ratio", None) is not None:
-        raise DitplanError(
-            "Wan: this pipeline has two experts (transformer_2, boundary_ratio: Wan 2.2 A14B); the executor runs "
-            "single-transformer Wan pipelines only (Wan 2.1)."
-        )
+    if pipe.transformer is None:
+        raise DitplanError("Wan: the pipeline has no transformer loaded.")
+    second = getattr(pipe, "transformer_2", None)
+    if getattr(pipe.config, "boundary_ratio", None) is not None:
+        if second is None:
+            raise DitplanError("Wan: the pipeline has a boundary_ratio but no transformer_2 (the low-noise expert) to run "
+                               "below it.")
+        shapes = [(int(t.config.num_layers), int(t.config.num_attention_heads), int(t.config.attention_head_dim))
+                  for t in (pipe.transformer, second)]
+        if shapes[0] != shapes[1]:
+            raise DitplanError(f"Wan: the two experts differ in (layers, heads, head size): {shapes[0]} and {shapes[1]}; "
+                               "the executor cuts both alike, so they must have the same shape.")
     if getattr(pipe.config, "expand_timesteps", False):
         raise DitplanError(
             "Wan: this pipeline expands the timestep per token (expand_timesteps: Wan 2.2 TI2V); the executor runs "
             "pipelines with one timestep per sample only."
         )
-    if pipe.transformer is None:
-        raise DitplanError("Wan: the pipeline has no transformer loaded.")
 
 
 class WanAdapter(FamilyAdapter):
@@ -58,6 +66,19 @@ class WanAdapter(FamilyAdapter):
     def __init__(self, pipe: Any) -> None:
         _refuse_unsupported(pipe)
         super().__init__(pipe)
+
+    @property
+    def experts(self) -> list[nn.Module]:
+        """The high-noise `transformer`, and where the pipeline has a boundary the low-noise `transformer_2`."""
+        if getattr(self.pipe.config, "boundary_ratio", None) is None:
+            return [self.pipe.transformer]
+        return [self.pipe.transformer, self.pipe.transformer_2]
+
+    def combine_guidance(self, job: DenoiseJob, uncond: torch.Tensor, cond: torch.Tensor, step_index: int,
+                         t: torch.Tensor) -> torch.Tensor:
+        """The pipeline's guidance: the low-noise expert's steps take `guidance_scale_2`."""
+        scale = job.guidance_scale if job.expert_of(t) == 0 else job.extras["guidance_scale_2"]
+        return uncond + scale * (cond - uncond)
 
     def model_output(self, job: DenoiseJob, latents: torch.Tensor, t: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
         """One transformer call per guidance branch, as the pipeline makes them (a batch of two moves
@@ -70,6 +91,7 @@ class WanAdapter(FamilyAdapter):
         config = pipe.transformer.config
         height, width, steps, guidance, do_cfg, batch = self.basics(
             request, self.call_default("height"), self.call_default("width"))
+        boundary_ratio = getattr(pipe.config, "boundary_ratio", None)
         if height % 16 or width % 16:
             raise DitplanError(f"Wan: height and width must be multiples of 16 pixels; {height}x{width} is not.")
         # The pipeline's own rounding: 4k + 1 frames, a size that patchifies whole.
@@ -97,12 +119,15 @@ class WanAdapter(FamilyAdapter):
         if do_cfg:
             branches["uncond"] = {"encoder_hidden_states": negative_embeds.to(self.dtype)}
         patch_t = config.patch_size[0]
+        boundary = None if boundary_ratio is None else boundary_ratio * scheduler.config.num_train_timesteps
+        guidance_2 = guidance if request.guidance_scale_2 is None else float(request.guidance_scale_2)
         return DenoiseJob(
             family=self.family, latents=latents, timesteps=scheduler.timesteps, scheduler=scheduler,
             branch_inputs=branches, shared_inputs={"attention_kwargs": None}, guidance_scale=guidance,
             batch_size=batch, height=height, width=width, num_frames=num_frames, latent_layout=self.latent_layout,
             output_type=request.output_type,
             token_grid=(latents.shape[2] // patch_t, latents.shape[-2] // patch_h, latents.shape[-1] // patch_w),
+            extras={"guidance_scale_2": guidance_2}, expert_boundary=boundary,
         )
 
     def model_input(self, job: DenoiseJob, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -278,6 +303,12 @@ def tiny_transformer(seed: int = 0, batch: int = 2, rows: int = 16, cols: int = 
     return TinyTransformer(rand.finish(model), latents, {"encoder_hidden_states": rand.text(batch)}, scheduler)
 
 
+def checkpoint_of(pipe: Any) -> str:
+    """A WanPipeline with two experts is Wan 2.2 A14B's; one with a transformer alone, Wan 2.1's."""
+    two_experts = getattr(pipe, "transformer_2", None) is not None and pipe.config.boundary_ratio is not None
+    return "wan2.2-t2v-a14b" if two_experts else "wan2.1-t2v-1.3b"
+
+
 FAMILY = Family(
     name="wan",
     pipelines={"WanPipeline": "wan2.1-t2v-1.3b"},
@@ -288,4 +319,5 @@ FAMILY = Family(
     tiny_transformer=tiny_transformer,
     describe_blocks=describe_blocks,
     joins_attention=False,
+    checkpoint_of=checkpoint_of,
 )

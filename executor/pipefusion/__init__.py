@@ -1,13 +1,14 @@
 """PipeFusion: patch-level pipeline parallelism with stale K/V.
 
-`step_program(job, adapter, transformer, groups, config)` is how the executor's loop computes the
+`step_program(job, adapter, experts, groups, config)` is how the executor's loop computes the
 steps of configurations with `pipefusion > 1` or `patches > 1` (`ParallelConfig.pipelines`); see `pipeline` (the distributed patch
 pipeline across steps), `sequential` (the one-process reference), `stages` (each family's
 transformer cut into pieces), `stale_kv`, `schedulers` (patch-by-patch steps), `hybrid` (with
 Ulysses/Ring inside the stages), `partition` and `loading` (a stage without the rest of the model).
 
 `prepare_stage` cuts an already loaded transformer to this rank's stage (the executor may call it
-right after loading; `denoise` calls it too, once); `load_stage_transformer` never loads the rest.
+right after loading; `denoise` calls it too, once); `load_stage_transformer` never loads the rest
+(`load_stage_experts`: of every transformer a two-expert pipeline folder holds).
 """
 from __future__ import annotations
 
@@ -20,15 +21,15 @@ from costmodel.config import ParallelConfig
 from costmodel.errors import DitplanError
 from executor.pipefusion.job import PatchJob
 from executor.pipefusion.layout import patch_problems
-from executor.pipefusion.loading import load_stage_transformer
+from executor.pipefusion.loading import load_stage_experts, load_stage_transformer
 from executor.pipefusion.partition import keep_stage_only
 from executor.pipefusion.pipeline import denoise_pipelined, pipeline_steps, stage_units
 from executor.pipefusion.sequential import denoise_sequential, sequential_steps
 from executor.pipefusion.stages import StagedTransformer, staged
 from executor.steps import StepProgram
 
-__all__ = ["step_program", "prepare_stage", "size_problems", "stage_count_problems", "load_stage_transformer", "patch_job",
-           "denoise_pipelined", "denoise_sequential", "staged"]
+__all__ = ["step_program", "prepare_stage", "size_problems", "stage_count_problems", "load_stage_experts",
+           "load_stage_transformer", "patch_job", "denoise_pipelined", "denoise_sequential", "staged"]
 
 _STAGE_ATTR = "_ditplan_pipefusion_stage"
 
@@ -100,7 +101,7 @@ def patch_job(job: Any, adapter: Any) -> PatchJob:
     return PatchJob(
         latents=job.latents, timesteps=list(job.timesteps), scheduler=job.scheduler, model_kwargs=model_kwargs,
         model_input=model_input, model_timestep=lambda t, batch: adapter.timestep_input(job, t, batch),
-        guide=guide, step=step, cfg=job.do_cfg,
+        guide=guide, step=step, cfg=job.do_cfg, step_experts=job.step_experts,
     )
 
 
@@ -139,12 +140,12 @@ def size_problems(job: Any, adapter: Any, config: ParallelConfig) -> list[str]:
     return [*problems, *patch_problems(layout, config.sp)]
 
 
-def step_program(job: Any, adapter: Any, transformer: torch.nn.Module, groups: Any, config: ParallelConfig) -> StepProgram:
-    """This rank's step program (executor.steps) of `job` under PipeFusion: every rank of the
-    pipeline ends with the final latents."""
+def step_program(job: Any, adapter: Any, experts: list[torch.nn.Module], groups: Any, config: ParallelConfig) -> StepProgram:
+    """This rank's step program (executor.steps) of `job` under PipeFusion, over the adapter's
+    `experts` (each cut to this rank's stage): every rank of the pipeline ends with the final latents."""
     pipe_ranks = groups.members("pipefusion") if groups is not None else [0]
     stage = groups.coordinate("pipefusion") if groups is not None else 0
-    stages = prepare_stage(transformer, job.family, stage, config.pipefusion)
+    stages = [prepare_stage(expert, job.family, stage, config.pipefusion) for expert in experts]
     work = patch_job(job, adapter)
     if config.pipefusion == 1 and config.cfg == 1 and config.sp == 1:
         return sequential_steps(work, stages, config.patches, config.warmup)

@@ -30,6 +30,8 @@ class PatchJob:
     step(scheduler, noise, t, latents, step_index, patch): one scheduler step of the whole latent
         (patch None) or of strip `patch`; returns the new latents (strip).
     cfg: whether the model batch is [uncond, cond] (so CFG parallelism may split it).
+    step_experts: the expert (index into the stages given to the loop) of each step; empty: the first
+        runs every step.
     """
 
     latents: torch.Tensor
@@ -41,6 +43,11 @@ class PatchJob:
     guide: Callable[[torch.Tensor, int, Any], torch.Tensor]
     step: Callable[[Any, torch.Tensor, Any, torch.Tensor, int, int | None], torch.Tensor]
     cfg: bool = False
+    step_experts: Sequence[int] = ()
+
+    def experts_of_steps(self) -> list[int]:
+        """The expert of each step (the first throughout without `step_experts`)."""
+        return list(self.step_experts) or [0] * len(self.timesteps)
 
     # Keys whose tensors are shared by the whole batch (position tables), never split by CFG.
     SHARED_KEYS = ("image_rotary_emb", "txt_ids", "img_ids")

@@ -7,7 +7,9 @@ model's own constructor: a one-block model of the same config is built on CPU an
 copied (they depend on the config, not on the block count).
 
 The executor can hand the result to the pipeline loader:
-`DiffusionPipeline.from_pretrained(folder, transformer=load_stage_transformer(folder, family, s, p))`.
+`DiffusionPipeline.from_pretrained(folder, **load_stage_experts(folder, family, s, p))`, which
+loads the stage of every transformer the folder holds (Wan 2.2 A14B's two experts: `transformer`
+and `transformer_2`, cut alike).
 """
 from __future__ import annotations
 
@@ -94,3 +96,16 @@ def load_stage_transformer(folder: str | Path, family: str, stage: int, stages: 
     if leftover:
         raise RuntimeError(f"stage loading left tensors unmaterialised: {leftover[:5]}")
     return model.eval()
+
+
+# The pipeline components that hold a transformer (Wan 2.2 A14B's low-noise expert is the second).
+EXPERT_COMPONENTS = ("transformer", "transformer_2")
+
+
+def load_stage_experts(folder: str | Path, family: str, stage: int, stages: int) -> dict[str, nn.Module]:
+    """Stage `stage` of `stages` of every transformer the pipeline saved in `folder` holds, by
+    component name (`from_pretrained` overrides): those its model_index.json names."""
+    index_file = Path(folder) / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    names = [name for name in EXPERT_COMPONENTS if (index.get(name) or [None])[0] is not None] or ["transformer"]
+    return {name: load_stage_transformer(folder, family, stage, stages, subfolder=name) for name in names}

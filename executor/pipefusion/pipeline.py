@@ -25,17 +25,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from costmodel.config import warmup_steps
 from costmodel.errors import DitplanError
 from executor.pipefusion.hybrid import SequenceInStage
 from executor.pipefusion.job import PatchJob
 from executor.pipefusion.layout import patch_problems
 from executor.pipefusion.schedulers import PatchScheduler
-from executor.pipefusion.stages import Carry, StagedTransformer
+from executor.pipefusion.stages import Carry, StagedTransformer, expert_stages
 from executor.pipefusion.stale_kv import StaleKVState, install_stale_kv
 from executor.steps import StepProgram, gather_cfg_halves, run_steps
 from executor.timeline import active as active_timeline
@@ -89,8 +90,11 @@ class Item:
     patch: int | None
 
 
-def pipeline_items(steps: int, warmup: int, patches: int) -> list[Item]:
-    return [Item(i, m) for i in range(steps) for m in ([None] if i < warmup else range(patches))]
+def pipeline_items(steps: int, warmup: int, patches: int, step_experts: Sequence[int] = ()) -> list[Item]:
+    """Every item in order: the warmup steps (`costmodel.config.warmup_steps`: the first `warmup`
+    steps of each expert) whole, the other steps patch by patch."""
+    full_image = warmup_steps(step_experts or [0] * steps, warmup)
+    return [Item(i, m) for i in range(steps) for m in ([None] if full_image[i] else range(patches))]
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ class PipelineSchedule:
 
     A stage computes an item one tick after its previous item and after the stage before it
     computed the same item; stage 0 also after the last stage computed the result it starts from
-    (the strip of the step before, or the whole latents after a warmup step). A message made at
+    (the strip of the step before, the whole latents after a warmup step, or every strip of the
+    step before a warmup step that follows patch steps: an expert's first). A message made at
     tick P travels at tick P + 1, in one group on each end.
     """
 
@@ -121,6 +126,8 @@ class PipelineSchedule:
             for j, item in enumerate(items):
                 if item.step < items[-1].step:
                     nxt = items[j + 1] if item.patch is None else Item(item.step + 1, item.patch)
+                    if nxt not in positions:  # a warmup step next (an expert's first) starts from every strip
+                        nxt = Item(item.step + 1, None)
                     self.returns[j] = positions[nxt]
         self.starts_from: dict[int, list[int]] = {}
         for j, consumer in self.returns.items():
@@ -235,10 +242,15 @@ def denoise_pipelined(job: PatchJob, stages: StagedTransformer, pipe_ranks: list
     return run_steps(program, len(job.timesteps), job.latents.device, on_step, dist.get_rank())
 
 
-def pipeline_steps(job: PatchJob, stages: StagedTransformer, pipe_ranks: list[int], pipe_group: Any,
-                   patches: int, warmup: int, cfg_ranks: list[int] | None = None, cfg_group: Any = None,
+def pipeline_steps(job: PatchJob, stages: StagedTransformer | Sequence[StagedTransformer], pipe_ranks: list[int],
+                   pipe_group: Any, patches: int, warmup: int, cfg_ranks: list[int] | None = None, cfg_group: Any = None,
                    ulysses_group: Any = None, ring_group: Any = None) -> StepProgram:
-    """The step program (executor.steps) of PipeFusion on this rank; see `denoise_pipelined`."""
+    """The step program (executor.steps) of PipeFusion on this rank; see `denoise_pipelined`.
+
+    `stages`: this rank's stage of the transformer, or of each expert (`PatchJob.step_experts`
+    says which runs each step; the experts have one shape, so the first gives the layout)."""
+    experts = expert_stages(stages)
+    stages = experts[0]
     rank = dist.get_rank()
     stage, count = pipe_ranks.index(rank), len(pipe_ranks)
     first, last = stage == 0, stage == count - 1
@@ -307,7 +319,8 @@ def pipeline_steps(job: PatchJob, stages: StagedTransformer, pipe_ranks: list[in
             shape[-2] = strip.stop - strip.start
         return {"latents": tuple(shape)}
 
-    items = pipeline_items(steps, warmup, patches)
+    step_experts = job.experts_of_steps()
+    items = pipeline_items(steps, warmup, patches, step_experts)
     schedule = PipelineSchedule(items, count, targets)
 
     def incoming(message: Message) -> tuple[Message, Spec, torch.dtype]:
@@ -317,26 +330,34 @@ def pipeline_steps(job: PatchJob, stages: StagedTransformer, pipe_ranks: list[in
         return message, message_spec(patch, message.source, message.target), dtype
 
     scheduler = PatchScheduler(job.scheduler, layout, tuple(latents.shape)) if last else None
-    sequence = SequenceInStage(stages, units, layout, ulysses_group, ring_group, latents.device) if sp > 1 else None
-    layers = stages.stale_layers(units)
-    if sequence:
-        layers = [(module, sequence.text_position(position)) for module, position in layers]
+    sequences = [SequenceInStage(expert, units, layout, ulysses_group, ring_group, latents.device)
+                 for expert in experts] if sp > 1 else []
     # Buffer rows: the image, or under Ring this rank's share of it (every patch's share, for its
     # Ulysses peers too); see hybrid.py.
     ring_degree = dist.get_world_size(ring_group) if ring_group is not None else 1
     state = StaleKVState(buffer_tokens=layout.image_tokens // ring_degree, text_buffer_tokens=text_total)
-    handle = install_stale_kv(layers, state)
+    handles = []
+    for e, expert in enumerate(experts):  # each expert's layers keep their own buffers
+        layers = expert.stale_layers(units)
+        if sequences:
+            layers = [(module, sequences[e].text_position(position)) for module, position in layers]
+        handles.append(install_stale_kv(layers, state))
     try:
         exchange = TickExchange(pipe_ranks, pipe_group)
-        cond = cond0
+        cond, expert_now = cond0, step_experts[0]
         for _, sends, receives, j in schedule.timeline(stage):
             exchange.post(sends, [incoming(message) for message in receives], latents.device)
             if j is None:
                 continue
             i, m = items[j].step, items[j].patch
             t = job.timesteps[i]
+            if step_experts[i] != expert_now:  # the last expert's items are all done here
+                handles[expert_now].release_buffers()
+                expert_now = step_experts[i]
+            current = experts[expert_now]
+            sequence = sequences[expert_now] if sequences else None
             if m is None or m == 0:  # this step's first item
-                cond = stages.condition(x0, job.model_timestep(t, x0.shape[0]), kwargs)
+                cond = current.condition(x0, job.model_timestep(t, x0.shape[0]), kwargs)
             state.mode = "fill" if m is None else "patch"
             index = None if m is None else layout.token_index(m, latents.device)
             state.index = index  # the buffer rows: the whole patch (after the all-to-all)
@@ -355,19 +376,19 @@ def pipeline_steps(job: PatchJob, stages: StagedTransformer, pipe_ranks: list[in
                         latents = result.clone()
                     else:
                         layout.put_latent(latents, items[done].patch, result)
-                carry = stages.select(stages.embed(model_input(latents, t), cond), mine, text_index)
+                carry = current.select(current.embed(model_input(latents, t), cond), mine, text_index)
             else:
                 carry = {}
                 for source in sources:
                     carry.update(exchange.receive(Message(j, source, stage)))
             for unit in units:
-                carry = stages.run_unit(unit, carry, cond, mine, text_index)
+                carry = current.run_unit(unit, carry, cond, mine, text_index)
             if not last:
                 for target in targets[stage]:
                     exchange.stage(Message(j, stage, target), carry, message_spec(m, stage, target), dtype)
             else:
                 gather = (lambda tokens: sequence.gather(tokens, m, state.text_tokens)) if sequence else None
-                noise = guide(stages.head(carry, cond, layout, m, gather), i, t)
+                noise = guide(current.head(carry, cond, layout, m, gather), i, t)
                 if m is None:
                     latents = job.step(scheduler, noise, t, latents, i, None)
                     result = latents
@@ -383,8 +404,9 @@ def pipeline_steps(job: PatchJob, stages: StagedTransformer, pipe_ranks: list[in
         stages.stats = {"stage": stage, "units": (units.start, units.stop), "kv_buffer_bytes": state.buffer_bytes(),
                         "sent_bytes": exchange.sent_bytes}
     finally:
-        handle.remove()
-        if sequence:
+        for handle in handles:
+            handle.remove()
+        for sequence in sequences:
             sequence.remove()
     if count > 1:
         dist.broadcast(latents, src=pipe_ranks[-1], group=pipe_group)

@@ -17,7 +17,7 @@ HunyuanDiT's long skips.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -173,3 +173,9 @@ def staged(transformer: nn.Module, family: str) -> StagedTransformer:
     from executor.families import declaration
 
     return declaration(family).stages(transformer)
+
+
+def expert_stages(stages: StagedTransformer | Sequence[StagedTransformer]) -> list[StagedTransformer]:
+    """The stage views of the experts a loop runs: one transformer's, or one per expert (Wan 2.2 A14B:
+    the high-noise then the low-noise transformer, of one shape and cut alike)."""
+    return [stages] if isinstance(stages, StagedTransformer) else list(stages)

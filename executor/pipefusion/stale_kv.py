@@ -251,6 +251,11 @@ class StaleKVHandle:
         self.state = state
         self._originals = originals
 
+    def release_buffers(self) -> None:
+        """Drop the K/V these layers hold (an expert that will not run again); they fill afresh if they do."""
+        for module, _ in self._originals:
+            module.processor.image, module.processor.text = _RowBuffer(), _RowBuffer()
+
     def remove(self) -> None:
         for module, processor in self._originals:
             module.processor = processor

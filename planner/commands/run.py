@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, metavar="F", help="video frames (video models; default: the model's)")
     parser.add_argument("--steps", type=int, metavar="S", help="denoising steps (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, metavar="G", help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--guidance-scale-2", type=float, metavar="G",
+                        help="the low-noise expert's guidance scale (two-expert models: Wan 2.2 A14B; default: --guidance-scale)")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="seed; prompt i uses seed+i, so the images do not depend on the plan (default 0)")
     parser.add_argument("--cluster", metavar="C",

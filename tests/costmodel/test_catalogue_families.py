@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from costmodel import simulate
+from costmodel import estimate, simulate
 from costmodel.block_cost import block_cost
+from costmodel.config import warmup_steps
 from costmodel.rules import check_config
 from costmodel.sim_setup import build_setup
 from costmodel.specs import load_model
@@ -29,6 +30,30 @@ def test_two_experts_are_both_resident_and_pipefusion_cuts_both() -> None:
     assert two.latency_s == pytest.approx(one.latency_s)  # same shape, same steps: each step costs the same
     staged = simulate("wan2.2-t2v-a14b", "h100-sxm-nvlink-8", "pipefusion=2,patches=3")
     assert staged.memory["params_gib"] == pytest.approx(two.memory["params_gib"] / 2)
+
+
+def test_pipefusion_warms_up_each_expert_as_the_executor_does() -> None:
+    # The low-noise expert has no stale K/V of its own at the boundary: its first `warmup` steps run
+    # whole too (costmodel.config.warmup_steps, the executor's rule), after the pipeline drains.
+    a14b = load_model("wan2.2-t2v-a14b")
+    experts = a14b.step_experts(40)
+    assert experts == (0,) * 26 + (1,) * 14
+    assert warmup_steps(experts, 1) == [True] + [False] * 25 + [True] + [False] * 13
+    assert warmup_steps(experts, 0) == [False] * 40 and warmup_steps((0, 0, 1), 5) == [True] * 3
+    config = "pipefusion=3,patches=3,warmup=1"  # 720p: 45 token rows
+    two = simulate(a14b, "h100-sxm-nvlink-8", config, steps=40, trace=True)
+    one = simulate(replace(a14b, experts=1), "h100-sxm-nvlink-8", config, steps=40)
+    assert two.breakdown["warmup_s"] == pytest.approx(2 * one.breakdown["warmup_s"])
+    assert two.latency_s > one.latency_s
+    warm = {e["args"]["step"] for e in two.trace if e.get("cat") == "compute" and e["name"].startswith("warmup step")}
+    assert warm == {0, 26}
+    last_patch_before = max(e["ts"] + e["dur"] for e in two.trace if e.get("cat") == "compute" and e["args"].get("step") == 25)
+    assert min(e["ts"] for e in two.trace if e["name"] == "warmup step 26") >= last_patch_before
+    assert estimate(a14b, "h100-sxm-nvlink-8", config, steps=40).latency_s == pytest.approx(two.latency_s, rel=0.1)
+    # Without a trace the simulation extrapolates a periodic state, up to the second expert's warmup only.
+    quick = simulate(a14b, "h100-sxm-nvlink-8", config, steps=40)
+    assert quick.latency_s == pytest.approx(two.latency_s, rel=1e-9)
+    assert quick.breakdown == pytest.approx(two.breakdown, rel=1e-9)
 
 
 def test_sana_ring_exchanges_summaries_not_keys_and_values() -> None:

@@ -96,7 +96,7 @@ def test_help_names_every_flag():
     result = subprocess.run([sys.executable, "-m", "executor", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     for flag in ("--model", "--plan", "--nproc", "--out", "--prompt", "--negative-prompt", "--height", "--width", "--frames",
-                 "--steps", "--guidance-scale", "--seed", "--cluster"):
+                 "--steps", "--guidance-scale", "--guidance-scale-2", "--seed", "--cluster"):
         assert flag in result.stdout
 
 

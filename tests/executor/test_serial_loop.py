@@ -64,3 +64,23 @@ def test_data_parallel_share_reproduces_its_rows_of_the_batch():
     assert (second - whole[1:]).abs().max() <= 1e-5
     alone = denoise(adapter.prepare(request.subset([1])), adapter)
     assert (alone - whole[1:]).abs().max() > 1e-2, "Latte's one-prompt encoding no longer differs; simplify subset()"
+
+
+@pytest.mark.timeout(120)
+def test_two_experts_take_their_own_guidance_scales_as_the_pipeline_does():
+    # tiny-wan2.2 at 3 steps: the high-noise expert runs step 0, the low-noise one steps 1-2 with guidance_scale_2.
+    torch.set_num_threads(1)
+    spec = load_tiny_spec("tiny-wan2.2")
+    pipe = build_tiny_pipeline("tiny-wan2.2")
+    adapter = adapter_for(pipe)
+    size = {"height": spec["default_height"], "width": spec["default_width"], "num_frames": spec["default_frames"]}
+    expected = pipe(prompt=PROMPTS, num_inference_steps=3, guidance_scale=5.0, guidance_scale_2=2.0, output_type="latent",
+                    generator=generators(), **size).frames
+    job = adapter.prepare(GenerationRequest(prompts=PROMPTS, num_inference_steps=3, guidance_scale=5.0, guidance_scale_2=2.0,
+                                            generators=generators(), **size))
+    assert job.step_experts == [0, 1, 1]
+    latents = denoise(job, adapter)
+    assert torch.equal(latents, expected), f"max abs diff {(latents - expected).abs().max().item():.3g}"
+    same_scale = denoise(adapter.prepare(GenerationRequest(prompts=PROMPTS, num_inference_steps=3, guidance_scale=5.0,
+                                                           generators=generators(), **size)), adapter)
+    assert (same_scale - latents).abs().max() > 1e-3  # the second scale is used

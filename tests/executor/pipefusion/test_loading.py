@@ -40,3 +40,31 @@ def test_stage_holds_exactly_its_tensors_from_the_checkpoint(model_id: str, tmp_
         kept += parameter_count(model)
     # Together the two stages hold every parameter once, plus the conditioning both keep.
     assert kept >= parameter_count(full)
+
+
+@pytest.mark.timeout(120)
+def test_a_stage_of_a_two_expert_pipeline_loads_its_blocks_of_each_expert(tmp_path: Path, monkeypatch) -> None:
+    import diffusers
+
+    from executor.pipefusion.loading import load_stage_experts
+    from executor.tiny import save_tiny_pipeline
+    from executor.worker import load_pipeline
+
+    save_tiny_pipeline("tiny-wan2.2", tmp_path)
+    for stage in range(2):
+        loaded = load_stage_experts(tmp_path, "wan", stage, 2)
+        assert set(loaded) == {"transformer", "transformer_2"}
+        monkeypatch.setenv("RANK", str(stage))  # a worker of `ditplan run` loads the same stages
+        pipe = load_pipeline(str(tmp_path), "pipefusion=2,patches=2,warmup=1")
+        for name, model in loaded.items():
+            assert parameter_count(getattr(pipe, name)) == parameter_count(model), name
+        for name, model in loaded.items():
+            full = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / name)
+            full_tensors = dict(full.named_parameters())
+            assert parameter_count(model) < parameter_count(full)
+            for key, tensor in model.named_parameters():
+                assert torch.equal(tensor, full_tensors[key]), f"{name}: {key}"
+            assert ("blocks.0.attn1.to_q.weight" in full_tensors) and (
+                ("blocks.0.attn1.to_q.weight" in dict(model.named_parameters())) == (stage == 0))
+    first, second = (diffusers.WanTransformer3DModel.from_pretrained(tmp_path / name) for name in ("transformer", "transformer_2"))
+    assert not torch.equal(first.blocks[0].attn1.to_q.weight, second.blocks[0].attn1.to_q.weight)

@@ -1,5 +1,6 @@
 """PipeFusion's tick schedule: every message travels after it is made and before it is used, and the
-groups every stage posts replay under NCCL's rules, for any stage, patch and warmup count."""
+groups every stage posts replay under NCCL's rules, for any stage, patch and warmup count, and any
+step at which a second expert takes over (whose first steps are warmup steps again)."""
 from __future__ import annotations
 
 from hypothesis import given, settings
@@ -9,18 +10,27 @@ from executor.nccl_rules import check_traces
 from executor.pipefusion.pipeline import PipelineSchedule, pipeline_items
 
 
-def _schedule(stages: int, steps: int, warmup: int, patches: int, skips: bool) -> PipelineSchedule:
-    # skips: HunyuanDiT-like long skips from each early stage to its mirror stage.
+def _schedule(stages: int, steps: int, warmup: int, patches: int, skips: bool, switch: int = 0) -> PipelineSchedule:
+    # skips: HunyuanDiT-like long skips from each early stage to its mirror stage; switch: the step
+    # from which a second expert runs (0 or >= steps: one expert throughout).
     targets = [sorted({s + 1} | ({stages - 1 - s} if skips and s < stages - 1 - s - 1 else set())) if s < stages - 1 else []
                for s in range(stages)]
-    return PipelineSchedule(pipeline_items(steps, warmup, patches), stages, targets)
+    experts = [0 if i < switch or switch == 0 else 1 for i in range(steps)]
+    return PipelineSchedule(pipeline_items(steps, warmup, patches, experts), stages, targets)
+
+
+def test_a_second_expert_warms_up_from_every_strip_of_the_step_before():
+    schedule = _schedule(2, 4, 1, 2, False, switch=2)
+    assert [(item.step, item.patch) for item in schedule.items] == [(0, None), (1, 0), (1, 1), (2, None), (3, 0), (3, 1)]
+    assert schedule.starts_from[3] == [1, 2]  # both strips of step 1 come back to start step 2 whole
+    assert schedule.starts_from[4] == [3] and 5 not in schedule.starts_from  # after a whole step stage 0 holds it all
 
 
 @settings(max_examples=60, deadline=None)
 @given(stages=st.integers(1, 5), steps=st.integers(1, 5), warmup=st.integers(0, 5), patches=st.integers(1, 4),
-       skips=st.booleans())
-def test_messages_travel_between_making_and_use(stages, steps, warmup, patches, skips):
-    schedule = _schedule(stages, steps, warmup, patches, skips)
+       skips=st.booleans(), switch=st.integers(0, 5))
+def test_messages_travel_between_making_and_use(stages, steps, warmup, patches, skips, switch):
+    schedule = _schedule(stages, steps, warmup, patches, skips, switch)
     for message in schedule.messages:
         travels = schedule.travels(message)
         assert travels > schedule.tick[message.source][message.item]
@@ -32,9 +42,9 @@ def test_messages_travel_between_making_and_use(stages, steps, warmup, patches, 
 
 @settings(max_examples=60, deadline=None)
 @given(stages=st.integers(2, 5), steps=st.integers(1, 4), warmup=st.integers(0, 4), patches=st.integers(1, 4),
-       skips=st.booleans())
-def test_each_ticks_groups_replay_under_nccl_rules(stages, steps, warmup, patches, skips):
-    schedule = _schedule(stages, steps, warmup, patches, skips)
+       skips=st.booleans(), switch=st.integers(0, 4))
+def test_each_ticks_groups_replay_under_nccl_rules(stages, steps, warmup, patches, skips, switch):
+    schedule = _schedule(stages, steps, warmup, patches, skips, switch)
     traces = {s: [{"op": "new_group", "group": "world", "name": "g1", "members": list(range(stages))}] for s in range(stages)}
     for s in range(stages):
         for _, sends, receives, _ in schedule.timeline(s):

@@ -82,3 +82,24 @@ def test_stale_kv_leaves_torch_attention_function_in_place(family: str) -> None:
             hook.remove()
     assert inside_seen, f"{family}: no module ran inside a stale-KV layer's processor; the check saw nothing"
     assert all(seen), f"{family}: scaled_dot_product_attention was replaced in {seen.count(False)} of {len(seen)} module calls"
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_the_expert_taking_over_starts_with_stale_kv_of_its_own(warmup: int) -> None:
+    # Two experts of the same weights, the second from step 2: the second's steps are those of a
+    # loop started afresh at step 2 (same scheduler, new buffers), never the first expert's K/V.
+    import copy
+    from dataclasses import replace
+
+    tiny = build("wan")
+    first, second = staged(tiny.model, "wan"), staged(copy.deepcopy(tiny.model), "wan")
+    job = make_job("wan", tiny, steps=STEPS)
+    one_expert = denoise_sequential(make_job("wan", tiny, steps=STEPS), first, 2, warmup)
+    assert torch.equal(denoise_sequential(replace(make_job("wan", tiny, steps=STEPS), step_experts=[0] * STEPS),
+                                          [first, second], 2, warmup), one_expert)
+    switched = denoise_sequential(replace(job, step_experts=[0, 0, 1, 1]), [first, second], 2, warmup)
+    restart = make_job("wan", tiny, steps=STEPS)
+    early = denoise_sequential(replace(restart, timesteps=restart.timesteps[:2]), first, 2, warmup)
+    afresh = denoise_sequential(replace(restart, latents=early, timesteps=restart.timesteps[2:]), first, 2, warmup)
+    assert torch.equal(switched, afresh)
+    assert (switched - one_expert).abs().max() > 1e-6  # one expert instead keeps its stale K/V across step 2
