@@ -16,11 +16,13 @@ the executor. The image-to-video variants (`image_condition_type`) are refused.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from costmodel.errors import DitplanError
 from executor.families.base import BlockDescription, DenoiseJob, Family, FamilyAdapter, GenerationRequest, TinyTransformer
@@ -204,6 +206,23 @@ def install_sequence_parallel(transformer: nn.Module, shard: SequenceShard, hand
 # PipeFusion
 
 
+class _EmptyTextStrip(TorchFunctionMode):
+    """For one block call on an empty text strip (more patches than text tokens): HunyuanVideo's
+    blocks and attention split [video; text] apart with x[:, :-n] and x[:, -n:], which for n = 0 give
+    nothing and everything instead of everything and nothing. Here those two slices of the token
+    dimension mean what they mean for any n > 0. Scoped to that call; every other index passes."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.Tensor.__getitem__ and isinstance(args[1], tuple) and len(args[1]) > 1 and args[1][0] == slice(None):
+            token_slice = args[1][1]
+            if token_slice == slice(None, 0):  # x[:, :-0]: all but the (no) text tokens
+                token_slice = slice(None)
+            elif token_slice == slice(0, None):  # x[:, -0:]: the (no) text tokens
+                token_slice = slice(0, 0)
+            args = (args[0], (args[1][0], token_slice, *args[1][2:]))
+        return func(*args, **(kwargs or {}))
+
+
 class HunyuanVideoStages(StagedTransformer):
     """Dual-stream blocks then single-stream blocks, one unit each; a row strip spans every frame.
     The refined text (cut to the tokens its mask keeps) travels with the patches in strips, after
@@ -243,17 +262,10 @@ class HunyuanVideoStages(StagedTransformer):
         p, p_t = self.config.patch_size, self.config.patch_size_t
         return PatchLayout(latents.shape[-2] // p, latents.shape[-1] // p, p, latents.shape[2] // p_t, patches)
 
-    def input_problems(self, kwargs: dict[str, Any], cfg: int, patches: int = 1) -> list[str]:
+    def input_problems(self, kwargs: dict[str, Any], cfg: int) -> list[str]:
         mask, text = kwargs.get("encoder_attention_mask"), kwargs["encoder_hidden_states"]
-        lengths = [kept_text_length(half, text.shape[1]) for half in (mask.chunk(cfg) if mask is not None else [None])]
-        if any(length is None for length in lengths):
-            return [_mixed_lengths("PipeFusion")]
-        shortest = min(length for length in lengths if length is not None)
-        if shortest < patches:
-            # The blocks slice [video; text] back apart by the text's length, which an empty strip breaks.
-            return [f"the prompt keeps {shortest} text tokens, fewer than patches={patches}, and every hunyuan-video "
-                    "patch carries a strip of at least one text token; use at most that many patches or a longer prompt"]
-        return []
+        halves = mask.chunk(cfg) if mask is not None else [None]
+        return [_mixed_lengths("PipeFusion")] if any(kept_text_length(half, text.shape[1]) is None for half in halves) else []
 
     def condition(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]) -> Cond:
         t = self.transformer
@@ -273,7 +285,8 @@ class HunyuanVideoStages(StagedTransformer):
 
     def run_unit(self, unit: int, carry: Carry, cond: Cond, index: TokenIndex, text_index: slice | None = None) -> Carry:
         blocks, i = self._block(unit)
-        hidden, text = blocks[i](carry["hidden"], carry["text"], cond["temb"], None, rotary_rows(cond["rotary"], index))
+        with _EmptyTextStrip() if carry["text"].shape[1] == 0 else contextlib.nullcontext():
+            hidden, text = blocks[i](carry["hidden"], carry["text"], cond["temb"], None, rotary_rows(cond["rotary"], index))
         return {"hidden": hidden, "text": text}
 
     def head(self, carry: Carry, cond: Cond, layout: PatchLayout, patch: int | None, gather: Gather = None) -> torch.Tensor:

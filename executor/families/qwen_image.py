@@ -280,7 +280,7 @@ class QwenImageStages(StagedTransformer):
             raise ValueError(f"qwen-image img_shapes describe a {rows}x{cols} grid but the latents hold {latents.shape[-2]} tokens")
         return PatchLayout(rows, cols, cols, 1, patches)
 
-    def input_problems(self, kwargs: dict[str, Any], cfg: int, patches: int = 1) -> list[str]:
+    def input_problems(self, kwargs: dict[str, Any], cfg: int) -> list[str]:
         mask = kwargs.get("encoder_hidden_states_mask")
         if mask is None or all(_common_length(half) is not None for half in mask.chunk(cfg)):
             return []

@@ -130,7 +130,7 @@ def size_problems(job: Any, adapter: Any, config: ParallelConfig) -> list[str]:
         return []
     stages = _stages_of(adapter.transformer, job.family)
     model_kwargs = patch_job(job, adapter).model_kwargs
-    problems = stages.input_problems(model_kwargs, config.cfg, config.patches)
+    problems = stages.input_problems(model_kwargs, config.cfg)
     try:
         layout = stages.layout(job.latents, model_kwargs, config.patches)
     except DitplanError:

@@ -138,9 +138,9 @@ class StagedTransformer:
             spec["text"] = (batch, text_tokens, self.hidden_size())
         return spec
 
-    def input_problems(self, kwargs: dict[str, Any], cfg: int, patches: int = 1) -> list[str]:
+    def input_problems(self, kwargs: dict[str, Any], cfg: int) -> list[str]:
         """Why the model batch of `kwargs`, cut into `cfg` guidance halves (one per rank), cannot run
-        patch by patch in `patches` patches (empty: it can)."""
+        patch by patch (empty: it can)."""
         return []
 
     def skip_pairs(self) -> list[tuple[int, int, str]]:
