@@ -303,9 +303,12 @@ class HunyuanVideoStages(StagedTransformer):
 
 def tiny_transformer(seed: int = 0, batch: int = 2, rows: int = 16, cols: int = 16, layers: int = 4, heads: int = 4,
                      head_dim: int = 8) -> TinyTransformer:
-    """A seeded tiny HunyuanVideo transformer (half the layers dual-stream, half single-stream) over
-    2 latent frames (rows, cols: the latent's size); every row's text ends in two padding tokens
-    under the mask, so the padded keys must stay out of the attention."""
+    """A seeded tiny HunyuanVideo transformer (half the layers dual-stream, half single-stream, the
+    real model's MLP ratio) over 2 latent frames (rows, cols: the latent's size); every row's text
+    ends in two padding tokens under the mask, so the padded keys must stay out of the attention.
+    Its token refiner keeps its embeddings but no self-attention layer: next to four blocks this
+    small, one refiner layer would put most of the model on the first PipeFusion stage, which the
+    real model's two refiner layers next to its 60 blocks do not (the tiny pipeline has one)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
 
     torch.manual_seed(seed)
@@ -313,7 +316,7 @@ def tiny_transformer(seed: int = 0, batch: int = 2, rows: int = 16, cols: int = 
     row_axis = 2 * ((head_dim - frame_axis) // 4)
     model = HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim,
-        num_layers=layers // 2, num_single_layers=layers - layers // 2, num_refiner_layers=1, mlp_ratio=2.0,
+        num_layers=layers // 2, num_single_layers=layers - layers // 2, num_refiner_layers=0, mlp_ratio=4.0,
         text_embed_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
         rope_axes_dim=(frame_axis, row_axis, head_dim - frame_axis - row_axis),
     )
