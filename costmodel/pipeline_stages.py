@@ -47,12 +47,15 @@ NO_MID_ATTENTION = ("cogvideox",)
 # decode every frame at once.
 LATENT_FRAMES_PER_CALL = {"cogvideox": 2, "wan": 1, "hunyuan-video": 4}
 # Families whose VAE decoder cannot run in row strips (the executor refuses vae > 1 for them): Wan's
-# causal 3-D convolutions pad inside their forward, and Qwen-Image's VAE, built like it, also projects
-# its mid-block attention with one 1x1 convolution; a strip's halo exchange sees neither.
+# and HunyuanVideo's causal 3-D convolutions pad inside their forward, and Qwen-Image's VAE, built like
+# Wan's, also projects its mid-block attention with one 1x1 convolution; a strip's halo exchange sees
+# neither.
 WHOLE_DECODE = {
     "wan": "the Wan VAE decoder cannot run in row strips (its causal 3-D convolutions pad inside their forward)",
     "qwen-image": ("the Qwen-Image VAE cannot decode in row strips (its causal 3-D convolutions pad inside their "
                    "forward, and its mid-block attention projects with one 1x1 convolution)"),
+    "hunyuan-video": ("the HunyuanVideo VAE decoder cannot run in row strips (its causal 3-D convolutions pad inside "
+                      "their forward)"),
 }
 OUTPUT_CHANNELS = 3
 

@@ -47,6 +47,7 @@ _TEXT_CONFIGS = {
     "BertModel": "BertConfig",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLConfig",
     "UMT5EncoderModel": "UMT5Config",
+    "LlamaModel": "LlamaConfig",
 }
 
 
@@ -182,7 +183,42 @@ def _qwen2_tokenizer(cls: type, model_max_length: int) -> Any:
                extra_special_tokens=list(_CHAT_SPECIALS))
 
 
-_TOKENIZER_KINDS = {"t5": _t5_tokenizer, "clip": _clip_tokenizer, "bert": _bert_tokenizer, "qwen2": _qwen2_tokenizer}
+# HunyuanVideo's prompt template: the pipeline crops its first `crop_start` (95) tokens after encoding,
+# so the tiny Llama tokenizer holds these pieces whole: with the header tokens special, the template's
+# part before the prompt is 95 tokens long, as with the real Llama-3 vocabulary.
+_LLAMA_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_LLAMA_PIECES = ("\n\n", *(
+    "system Describe user \u2581video \u2581by \u2581detailing \u2581following \u2581aspects \u25811 \u2581The \u2581main "
+    "\u2581content \u2581theme \u2581color \u2581shape \u2581size \u2581texture \u2581quantity \u2581text \u2581spatial "
+    "\u2581relationships \u2581objects \u2581Actions \u2581events \u2581behaviors \u2581temporal \u2581physical \u2581movement "
+    "\u2581changes \u2581background \u2581environment \u2581light \u2581style \u2581atmosphere \u2581camera \u2581angles "
+    "\u2581movements \u2581transitions \u2581used"
+).split())
+
+
+def _llama_tokenizer(cls: type, model_max_length: int) -> Any:
+    # Llama's byte-fallback BPE over metaspace-marked text: every character is a token, and merges
+    # (left to right within each piece) make the known words and the template's pieces whole tokens.
+    # Padding goes at the end, where HunyuanVideo's transformer expects it.
+    vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    pieces = [*_LLAMA_PIECES, *("\u2581" + word for word in _WORDS)]
+    for char in sorted(set("".join(pieces) + _LETTERS + _LETTERS.upper() + ".,:;'!?-\n")):
+        vocab.setdefault(char, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for piece in pieces:
+        parts = list(piece)
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((parts[0], parts[1]))
+            parts = [merged] + parts[2:]
+    return cls(vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right", model_max_length=model_max_length,
+               extra_special_tokens=list(_LLAMA_SPECIALS))
+
+
+_TOKENIZER_KINDS = {"t5": _t5_tokenizer, "clip": _clip_tokenizer, "bert": _bert_tokenizer, "qwen2": _qwen2_tokenizer,
+                    "llama": _llama_tokenizer}
 
 
 # -- building -----------------------------------------------------------------------------------

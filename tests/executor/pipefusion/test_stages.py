@@ -78,7 +78,7 @@ def test_stale_kv_patches_reproduce_the_full_image_when_nothing_changed(family: 
 def test_each_stage_keeps_about_its_share_of_the_blocks(family: str, degree: int) -> None:
     """Per-rank parameters: blocks within 10 % of 1/p of all blocks, plus the conditioning every
     stage keeps and the embedding (first) / head (last) extras, and nothing else."""
-    layers = {"flux": 64, "hunyuan": 40}.get(family, 24)  # real models' depths: whole blocks split into near-equal shares
+    layers = {"flux": 64, "hunyuan": 40, "hunyuan-video": 60}.get(family, 24)  # real models' depths: whole blocks split into near-equal shares
     model = build(family, layers=layers).model
     whole_blocks = sum(staged(model, family).unit_weights)
     for stage in range(degree):
