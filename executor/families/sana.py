@@ -20,7 +20,7 @@ Here, everything the executor needs for the family:
   summary (fresh for the patch computed now, the last one written for the others), kept in the
   stale-KV layer's image buffer; the MLP's halo of a patch is the row above from the patch computed
   just before (this step) and the row below from the next patch's last computation (the previous
-  step: stale like the summaries, exact when warmup = steps). PipeFusion x Ring is refused.
+  step: stale like the summaries, exact when warmup = steps).
 """
 from __future__ import annotations
 
@@ -209,19 +209,20 @@ class SanaLinearAttentionProcessor(_SequenceParallelProcessor):
     def _attended_summary(self, key: torch.Tensor, value: torch.Tensor, token_patches: Sequence[slice] | None) -> torch.Tensor:
         source = self.kv_source
         mode = source.state.mode if source is not None else "off"
+        ring = self.shard.ring_group
         if mode == "off":
-            return _ring_sum(_summary(key, value), self.shard.ring_group)
-        if group_size(self.shard.ring_group) > 1:
-            raise DitplanError("PipeFusion x Ring: SANA's stale linear-attention summaries are kept per patch for the "
-                               "whole patch; use Ulysses inside PipeFusion stages (ring=1).")
+            return _ring_sum(_summary(key, value), ring)
         if token_patches is None:
             raise RuntimeError("SANA stale summaries: the stage did not pass the patches' token positions")
-        buffer = source.image  # the stale-KV layer's image buffer holds the per-patch summaries
+        # The stale-KV layer's image buffer holds this rank's summary of each patch (under Ring: of its
+        # share of each patch), [patches, B, heads, head_dim + 1, head_dim].
+        buffer = source.image
         if mode == "fill":
             # The whole image: attend through its summary, keep each patch's for the patch steps.
-            buffer.key = torch.stack([_summary(key[..., rows], value[..., rows]) for rows in token_patches])
+            buffer.key = torch.stack([_summary(key[..., rows], value[..., rows])
+                                      for rows in self._patch_rows(token_patches, key.device)])
             buffer.written = None
-            return _summary(key, value)
+            return _ring_sum(_summary(key, value), ring)
         patch = list(token_patches).index(source.state.index)
         fresh = _summary(key, value)
         if buffer.key is None:  # a patch step with no warmup before it: only patches computed so far count
@@ -236,7 +237,24 @@ class SanaLinearAttentionProcessor(_SequenceParallelProcessor):
         total = buffer.key[kept[0]]
         for index in kept[1:]:
             total = total + buffer.key[index]
-        return total
+        return _ring_sum(total, ring)
+
+    def _patch_rows(self, token_patches: Sequence[slice], device: torch.device) -> list[slice | torch.Tensor]:
+        """Where each patch's tokens are in the sequence this rank attends over in a whole-image call.
+
+        Without Ring that is the image in order. Under Ring each SP rank holds its share of every
+        patch, in patch order (executor.pipefusion.hybrid), and the all-to-all puts the Ulysses
+        peers' holdings one after the other: patch k is a run of s_k tokens in each peer's part."""
+        u, r = group_size(self.shard.ulysses_group), group_size(self.shard.ring_group)
+        if r == 1:
+            return list(token_patches)
+        sizes = [(rows.stop - rows.start) // (u * r) for rows in token_patches]
+        per_peer, before, parts = sum(sizes), 0, []
+        for size in sizes:
+            parts.append(torch.cat([torch.arange(j * per_peer + before, j * per_peer + before + size)
+                                    for j in range(u)]).to(device))
+            before += size
+        return parts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,8 +263,7 @@ class SanaLinearAttentionProcessor(_SequenceParallelProcessor):
 
 def _exchanged_edges(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
     """Every SP rank's first and last row of `x` [B, C, rows, W], in chunk order: [B, C, 2 * ranks, W]."""
-    edges = torch.cat([x[:, :, :1], x[:, :, -1:]], dim=2)
-    return all_gather_along(all_gather_along(edges, dim=2, group=shard.ulysses_group), dim=2, group=shard.ring_group)
+    return _gathered(torch.cat([x[:, :, :1], x[:, :, -1:]], dim=2), 2, shard)
 
 
 def _feed_forward_rows(ff: nn.Module, x: torch.Tensor, above: torch.Tensor | None, below: torch.Tensor | None) -> torch.Tensor:
@@ -337,8 +354,8 @@ class SanaStages(StagedTransformer):
             if type(block.attn1.processor).__name__ == "SanaLinearAttnProcessor2_0":
                 block.attn1.set_processor(serial)
         self._patches: PatchLayout | None = None
-        # unit -> patch -> (its MLP input's first row, its last row), each [B, C, 1, W].
-        self._edges: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # unit -> image row -> that row of the MLP input [B, C, 1, W], for each patch's first and last row.
+        self._edges: dict[int, dict[int, torch.Tensor]] = {}
 
     def unit_count(self) -> int:
         return len(self.transformer.transformer_blocks)
@@ -389,49 +406,30 @@ class SanaStages(StagedTransformer):
         return {"hidden": hidden + gate_mlp * out.flatten(2, 3).permute(0, 2, 1)}
 
     def _feed_forward(self, unit: int, block: nn.Module, x: torch.Tensor, index: TokenIndex) -> torch.Tensor:
-        """The MLP on this rank's rows `x` of the image (index None) or of one patch, with its halo."""
+        """The MLP on this rank's rows `x` [B, C, rows, W] of the image tokens `index` (None: all), each
+        contiguous run of rows with the rows just above and below it: computed in this call (by this
+        or another SP rank, exchanged), else the last ones this block kept (a neighbouring patch's),
+        else none (the image's edge, where the convolution pads)."""
         layout = self._patches
         shard = _shard_of(block.attn1)
-        edges = self._edges.setdefault(unit, {})
-        if index is None:  # the whole image (this rank's share under SP): record every patch's edge rows
-            above, below = _neighbour_rows(x, shard) if shard is not None else (None, None)
-            if layout.patches > 1:
-                self._record_image_edges(edges, x, shard)
-            return _feed_forward_rows(block.ff, x, above, below)
-        first_row = (index.start if isinstance(index, slice) else int(index[0])) // layout.row_tokens
-        patch = next(m for m, (start, stop) in enumerate(layout.row_bounds) if start <= first_row < stop)
-        if shard is not None:
-            gathered_edges = _exchanged_edges(x, shard)
-            chunk, ranks = shard.chunk, shard.degree
-            top, bottom = gathered_edges[:, :, :1], gathered_edges[:, :, -1:]
-            above = gathered_edges[:, :, 2 * chunk - 1:2 * chunk] if chunk > 0 else None
-            below = gathered_edges[:, :, 2 * chunk + 2:2 * chunk + 3] if chunk < ranks - 1 else None
-        else:
-            chunk, ranks, top, bottom, above, below = 0, 1, x[:, :, :1], x[:, :, -1:], None, None
-        if chunk == 0 and patch > 0 and patch - 1 in edges:
-            above = edges[patch - 1][1]  # computed just before, this step
-        if chunk == ranks - 1 and patch + 1 in edges:
-            below = edges[patch + 1][0]  # the last computation of the next patch: stale
-        edges[patch] = (top.clone(), bottom.clone())
-        return _feed_forward_rows(block.ff, x, above, below)
-
-    def _record_image_edges(self, edges: dict[int, tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
-                            shard: SequenceShard | None) -> None:
-        """Each patch's first and last MLP input row out of the whole image's, which under SP lie in
-        several ranks' shares: each rank puts in the rows it holds, zeros elsewhere, and the sum over
-        the ranks (one contribution per row) is exact."""
-        layout = self._patches
-        rows = x.shape[2]
-        start = shard.chunk * rows if shard is not None else 0
-        wanted = [row for first, stop in layout.row_bounds for row in (first, stop - 1)]
-        table = x.new_zeros((*x.shape[:2], len(wanted), x.shape[3]))
-        for position, row in enumerate(wanted):
-            if start <= row < start + rows:
-                table[:, :, position] = x[:, :, row - start]
-        if shard is not None and shard.degree > 1:
-            table = _exchanged_table_sum(table, shard)
-        for m in range(layout.patches):
-            edges[m] = (table[:, :, 2 * m:2 * m + 1], table[:, :, 2 * m + 1:2 * m + 2])
+        runs = _row_runs(index, layout)
+        fresh = _fresh_edge_rows(x, runs, shard)
+        kept = self._edges.setdefault(unit, {})
+        outputs, offset = [], 0
+        for first, stop in runs:
+            strip = x[:, :, offset:offset + stop - first]
+            offset += stop - first
+            above = fresh[first - 1] if first - 1 in fresh else kept.get(first - 1)
+            below = fresh[stop] if stop in fresh else kept.get(stop)
+            outputs.append(_feed_forward_rows(block.ff, strip, above, below))
+        if layout.patches > 1:  # keep what the neighbouring patches read: each patch's first and last row
+            wanted = sorted({row for first, stop in layout.row_bounds for row in (first, stop - 1)})
+            degree = shard.degree if shard is not None else 1
+            if x.shape[2] * degree == layout.token_rows:  # the whole image: its inner patch edges too
+                kept.update(_image_rows(x, wanted, runs, shard))
+            else:
+                kept.update({row: edge.clone() for row, edge in fresh.items() if row in wanted})
+        return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
     def head(self, carry: Carry, cond: Cond, layout: PatchLayout, patch: int | None, gather: Gather = None) -> torch.Tensor:
         t = self.transformer
@@ -441,10 +439,58 @@ class SanaStages(StagedTransformer):
                           hidden.shape[-1] // self.config.patch_size ** 2)
 
 
-def _exchanged_table_sum(table: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
-    parts = all_gather_along(all_gather_along(table.unsqueeze(0), dim=0, group=shard.ulysses_group), dim=0,
-                             group=shard.ring_group)
-    return parts.sum(0)
+def _row_runs(index: TokenIndex, layout: PatchLayout) -> list[tuple[int, int]]:
+    """The contiguous runs [first, stop) of token rows that the image tokens `index` cover, in order."""
+    cols = layout.row_tokens
+    if index is None:
+        return [(0, layout.token_rows)]
+    positions = torch.arange(index.start, index.stop) if isinstance(index, slice) else index.cpu()
+    if len(positions) % cols or bool((positions[::cols] % cols).any()):
+        raise DitplanError(f"SANA's convolutional MLP needs whole token rows ({cols} tokens each) on every rank; "
+                           f"a share of {len(positions)} tokens is not. Choose patches x sp that divide the token rows.")
+    runs: list[list[int]] = []
+    for row in (positions[::cols] // cols).tolist():
+        if runs and runs[-1][1] == row:
+            runs[-1][1] += 1
+        else:
+            runs.append([row, row + 1])
+    return [(first, stop) for first, stop in runs]
+
+
+def _fresh_edge_rows(x: torch.Tensor, runs: list[tuple[int, int]], shard: SequenceShard | None) -> dict[int, torch.Tensor]:
+    """Image row -> [B, C, 1, W]: the first and last row of every run this call computes, this rank's
+    and (under SP) every other rank's."""
+    edges, rows, offset = [], [], 0
+    for first, stop in runs:
+        edges += [x[:, :, offset:offset + 1], x[:, :, offset + stop - first - 1:offset + stop - first]]
+        rows += [first, stop - 1]
+        offset += stop - first
+    table, positions = torch.cat(edges, dim=2), torch.tensor(rows, device=x.device)
+    if shard is not None:
+        table = _gathered(table, 2, shard)
+        positions = _gathered(positions, 0, shard)
+    return {row: table[:, :, i:i + 1] for i, row in enumerate(positions.tolist())}
+
+
+def _image_rows(x: torch.Tensor, wanted: list[int], runs: list[tuple[int, int]], shard: SequenceShard | None) -> dict[int, torch.Tensor]:
+    """Rows `wanted` of the whole image's MLP input, of which this rank holds the rows `runs`: each
+    rank puts in the ones it holds, zeros elsewhere, and the sum over the ranks (one holder per
+    row) is exact."""
+    table = x.new_zeros((*x.shape[:2], len(wanted), x.shape[3]))
+    offset = 0
+    for first, stop in runs:
+        for position, row in enumerate(wanted):
+            if first <= row < stop:
+                table[:, :, position] = x[:, :, offset + row - first]
+        offset += stop - first
+    if shard is not None:
+        table = _gathered(table.unsqueeze(0), 0, shard).sum(0)
+    return {row: table[:, :, i:i + 1] for i, row in enumerate(wanted)}
+
+
+def _gathered(tensor: torch.Tensor, dim: int, shard: SequenceShard) -> torch.Tensor:
+    """Every SP rank's `tensor` concatenated along `dim`, in chunk order."""
+    return all_gather_along(all_gather_along(tensor, dim=dim, group=shard.ulysses_group), dim=dim, group=shard.ring_group)
 
 
 def _shard_of(attention: nn.Module) -> SequenceShard | None:
