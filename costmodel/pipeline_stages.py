@@ -48,8 +48,11 @@ NO_MID_ATTENTION = ("cogvideox",)
 LATENT_FRAMES_PER_CALL = {"cogvideox": 2, "wan": 1, "hunyuan-video": 4}
 # Families whose VAE decoder cannot run in row strips (the executor refuses vae > 1 for them): Wan's
 # causal 3-D convolutions pad inside their forward, and Qwen-Image's VAE, built like it, also projects
-# its mid-block attention with one 1x1 convolution; a strip's halo exchange sees neither.
+# its mid-block attention with one 1x1 convolution; a strip's halo exchange sees neither. SANA's
+# deep-compression VAE attends over the whole latent in its deeper stages (linear attention).
 WHOLE_DECODE = {
+    "sana": ("the SANA deep-compression VAE (AutoencoderDC) cannot decode in row strips (its deeper stages attend "
+             "over the whole latent with linear attention)"),
     "wan": "the Wan VAE decoder cannot run in row strips (its causal 3-D convolutions pad inside their forward)",
     "qwen-image": ("the Qwen-Image VAE cannot decode in row strips (its causal 3-D convolutions pad inside their "
                    "forward, and its mid-block attention projects with one 1x1 convolution)"),
