@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
 from torch import nn
 
 from costmodel.errors import DitplanError
@@ -261,11 +262,6 @@ class SanaLinearAttentionProcessor(_SequenceParallelProcessor):
 # The convolutional MLP over a strip of token rows
 
 
-def _exchanged_edges(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
-    """Every SP rank's first and last row of `x` [B, C, rows, W], in chunk order: [B, C, 2 * ranks, W]."""
-    return _gathered(torch.cat([x[:, :, :1], x[:, :, -1:]], dim=2), 2, shard)
-
-
 def _feed_forward_rows(ff: nn.Module, x: torch.Tensor, above: torch.Tensor | None, below: torch.Tensor | None) -> torch.Tensor:
     """GLUMBConv on a strip of rows [B, C, rows, W] with the rows above and below it (None at the
     image's edge, where the convolution pads): the strip's rows of the whole grid's output."""
@@ -278,8 +274,9 @@ def _feed_forward_rows(ff: nn.Module, x: torch.Tensor, above: torch.Tensor | Non
 
 
 def _neighbour_rows(x: torch.Tensor, shard: SequenceShard) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The last row of the chunk before mine and the first row of the chunk after it (None at the ends)."""
-    edges = _exchanged_edges(x, shard)
+    """The last row of the chunk before mine and the first row of the chunk after it (None at the ends),
+    out of every SP rank's first and last row of `x` [B, C, rows, W], gathered in chunk order."""
+    edges = _gathered(torch.cat([x[:, :, :1], x[:, :, -1:]], dim=2), 2, shard)
     chunk, ranks = shard.chunk, shard.degree
     above = edges[:, :, 2 * chunk - 1:2 * chunk] if chunk > 0 else None
     below = edges[:, :, 2 * chunk + 2:2 * chunk + 3] if chunk < ranks - 1 else None
@@ -351,7 +348,7 @@ class SanaStages(StagedTransformer):
         super().__init__(transformer)
         serial = SanaLinearAttentionProcessor(SequenceShard(None, None))
         for block in transformer.transformer_blocks:
-            if type(block.attn1.processor).__name__ == "SanaLinearAttnProcessor2_0":
+            if isinstance(block.attn1.processor, SanaLinearAttnProcessor2_0):
                 block.attn1.set_processor(serial)
         self._patches: PatchLayout | None = None
         # unit -> image row -> that row of the MLP input [B, C, 1, W], for each patch's first and last row.
