@@ -9,7 +9,11 @@ its exposed communication by link tier, and the per-step work outside the blocks
 - USP: Ulysses inside groups of u, ring across groups of r.
 - Linear attention (SANA): a rank attends its own tokens through the key-value summary of all of them;
   Ring passes each rank's fp32 summary ((head_dim + 1) x head_dim per local head) around the ring
-  instead of K and V, r-1 hops that the summary sum waits for; Ulysses splits heads as usual.
+  instead of K and V, r-1 hops that the summary sum waits for (each rank adds the r summaries in ring
+  order, so every rank holds the same sum); Ulysses splits heads as usual.
+- SANA's MLP convolves over the token grid (a 3x3 depthwise convolution), and SP splits the tokens by
+  whole rows: at every block each rank gathers every rank's first and last row of the MLP input (the
+  halo its neighbours read), over the Ulysses group and then the ring, before the MLP runs.
 - Latte's spatial blocks attend within each frame; its temporal blocks across frames at each
   position, which SP (splitting positions) leaves without communication.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from costmodel import compute
-from costmodel.flops import BlockWork
+from costmodel.flops import GLU_CONV_FAMILIES, BlockWork
 from costmodel.sim_setup import Setup, latent_bytes
 
 # Operators per step outside the blocks: time embedding, patch embedding, final norm/projection,
@@ -43,6 +47,12 @@ RING_MERGE_PASSES = 10.0
 # Host operators per ring hop of a linear-attention summary: the batched isend/irecv + wait (~3) and
 # the add into the running sum (1).
 RING_SUMMARY_OPS = 4
+# Token rows of the MLP input each SP rank contributes to the halo exchange of a convolutional MLP
+# (SANA): its first and its last, which the 3x3 convolutions of the ranks above and below it read.
+MLP_HALO_ROWS = 2
+# Host operators of that exchange: the two edge rows' concatenation, the all-gather over each axis,
+# the halo's concatenation before the MLP and the crop after it.
+MLP_HALO_OPS = 6
 
 
 @dataclass
@@ -117,6 +127,14 @@ def block_cost(st: Setup, kind: str, image_tokens: int, text_tokens: int, skip_l
         extra_ops += ULYSSES_OPS + (ULYSSES_TEXT_OPS if held_text else 0)
         comm += 4 * a2a
         tiers[tier] = tiers.get(tier, 0.0) + 4 * a2a
+    if model.family in GLU_CONV_FAMILIES and config.sp > 1:
+        row_bytes = st.batch * model.token_grid(st.height, st.width, st.frames)[2] * h * b
+        # Over the Ulysses group each rank gives its two rows; over the ring, its group's 2u rows.
+        for axis, rows in (("ulysses", MLP_HALO_ROWS), ("ring", MLP_HALO_ROWS * u)):
+            seconds, tier = cluster.comm_time("all_gather", st.groups[axis], rows * row_bytes)
+            comm += seconds
+            tiers[tier] = tiers.get(tier, 0.0) + seconds
+        extra_ops += MLP_HALO_OPS
     gpu, host = compute.block_gpu_host(cluster, model, work, attention, extra_gpu, extra_ops)
     # Collectives run on the GPU's stream: while the host is still issuing the block's operators they
     # cost nothing extra; only what exceeds the host's time is exposed.

@@ -49,8 +49,10 @@ LATENT_FRAMES_PER_CALL = {"cogvideox": 2, "wan": 1, "hunyuan-video": 4}
 # Families whose VAE decoder cannot run in row strips (the executor refuses vae > 1 for them): Wan's
 # and HunyuanVideo's causal 3-D convolutions pad inside their forward, and Qwen-Image's VAE, built like
 # Wan's, also projects its mid-block attention with one 1x1 convolution; a strip's halo exchange sees
-# neither.
+# neither; SANA's deep-compression VAE attends over the whole latent in its deeper stages.
 WHOLE_DECODE = {
+    "sana": ("the SANA deep-compression VAE (AutoencoderDC) cannot decode in row strips (its deeper stages attend "
+             "over the whole latent with linear attention)"),
     "wan": "the Wan VAE decoder cannot run in row strips (its causal 3-D convolutions pad inside their forward)",
     "qwen-image": ("the Qwen-Image VAE cannot decode in row strips (its causal 3-D convolutions pad inside their "
                    "forward, and its mid-block attention projects with one 1x1 convolution)"),

@@ -48,6 +48,7 @@ _TEXT_CONFIGS = {
     "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLConfig",
     "UMT5EncoderModel": "UMT5Config",
     "LlamaModel": "LlamaConfig",
+    "Gemma2Model": "Gemma2Config",
 }
 
 
@@ -217,8 +218,27 @@ def _llama_tokenizer(cls: type, model_max_length: int) -> Any:
                extra_special_tokens=list(_LLAMA_SPECIALS))
 
 
+def _gemma_tokenizer(cls: type, model_max_length: int) -> Any:
+    # Gemma's BPE with byte fallback (any text encodes): spaces become "\u2581", each known word is merged
+    # into one token after its "\u2581", everything else falls back to letters or bytes. Like Gemma's own,
+    # it starts every text with <bos> (the token SANA's pipeline keeps ahead of the prompt's last ones).
+    vocab: dict[str, int] = {token: i for i, token in enumerate(("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"))}
+    for token in (*(f"<0x{byte:02X}>" for byte in range(256)), "\u2581", *_LETTERS):
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        pieces = ["\u2581", *word]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((pieces[0], pieces[1]))
+            pieces = [merged] + pieces[2:]
+    return cls(vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=True)
+
+
 _TOKENIZER_KINDS = {"t5": _t5_tokenizer, "clip": _clip_tokenizer, "bert": _bert_tokenizer, "qwen2": _qwen2_tokenizer,
-                    "llama": _llama_tokenizer}
+                    "llama": _llama_tokenizer, "gemma": _gemma_tokenizer}
 
 
 # -- building -----------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from executor.families.base import (
 )
 
 # The one list of family modules; adding a family adds its module's name here.
-MODULES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte", "wan", "qwen_image", "hunyuan_video")
+MODULES: tuple[str, ...] = ("pixart", "sd3", "flux", "hunyuan", "cogvideox", "latte", "wan", "qwen_image", "hunyuan_video",
+                            "sana")
 
 DECLARATIONS: dict[str, Family] = {
     family.name: family for family in (import_module(f"{__name__}.{module}").FAMILY for module in MODULES)
