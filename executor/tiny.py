@@ -134,21 +134,26 @@ def _t5_tokenizer(cls: type, model_max_length: int) -> Any:
     return cls(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
+def _merge_left_to_right(words: list[list[str]], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges that join each word's symbols left to right into one token (added to `vocab`)."""
+    merges: list[tuple[str, str]] = []
+    for symbols in words:
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((symbols[0], symbols[1]))
+            symbols = [merged] + symbols[2:]
+    return merges
+
+
 def _clip_tokenizer(cls: type, model_max_length: int) -> Any:
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in _LETTERS:
         vocab[char] = len(vocab)
         vocab[char + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    for word in _WORDS:
-        # Merge each word left to right into one token so common words are single tokens.
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append((pieces[0], pieces[1]))
-            pieces = [merged] + pieces[2:]
+    # Common words become single tokens.
+    merges = _merge_left_to_right([[*word[:-1], word[-1] + "</w>"] for word in _WORDS], vocab)
     return cls(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
@@ -205,15 +210,7 @@ def _llama_tokenizer(cls: type, model_max_length: int) -> Any:
     pieces = [*_LLAMA_PIECES, *("\u2581" + word for word in _WORDS)]
     for char in sorted(set("".join(pieces) + _LETTERS + _LETTERS.upper() + ".,:;'!?-\n")):
         vocab.setdefault(char, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for piece in pieces:
-        parts = list(piece)
-        while len(parts) > 1:
-            merged = parts[0] + parts[1]
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append((parts[0], parts[1]))
-            parts = [merged] + parts[2:]
+    merges = _merge_left_to_right([list(piece) for piece in pieces], vocab)
     return cls(vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right", model_max_length=model_max_length,
                extra_special_tokens=list(_LLAMA_SPECIALS))
 
@@ -225,15 +222,7 @@ def _gemma_tokenizer(cls: type, model_max_length: int) -> Any:
     vocab: dict[str, int] = {token: i for i, token in enumerate(("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"))}
     for token in (*(f"<0x{byte:02X}>" for byte in range(256)), "\u2581", *_LETTERS):
         vocab.setdefault(token, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in _WORDS:
-        pieces = ["\u2581", *word]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append((pieces[0], pieces[1]))
-            pieces = [merged] + pieces[2:]
+    merges = _merge_left_to_right([["\u2581", *word] for word in _WORDS], vocab)
     return cls(vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=True)
 
 
