@@ -3,7 +3,7 @@
 One process group of 2 ranks (hunyuan_video_worker.py) runs Ulysses 2, Ring 2, PipeFusion 2 with
 warmup = steps and with stale K/V, and one-stage patches under Ulysses, Ring and DP, each against
 the one-process run, with prompts whose text is mostly padding under the mask (and more patches than
-text tokens once); then the refusals (CFG 2 for a model with embedded guidance, a row-strip decode,
+text tokens, alone and under Ring); then the refusals (CFG 2 for a model with embedded guidance, a row-strip decode,
 prompts that keep different text lengths). Then `ditplan run` on 2 ranks and the cost model's reading
 of the tiny profile.
 """
