@@ -134,13 +134,16 @@ def ring_attention(
     """
     ring = group_size(group)
     has_text = text_query is not None
+    # An empty text strip (PipeFusion's text travels in strips) asks nothing; the CPU kernel fails on zero queries.
+    text_asks = has_text and text_query.shape[-2] > 0
     image = LseMerger()
     text_parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if has_text:
         assert text_key is not None and text_value is not None, "joint attention needs text keys and values"
         # The text keys are one more block, held by every rank: attended once, with no communication.
         image.add(*attention_with_lse(query, text_key, text_value))
-        text_parts[-1] = attention_with_lse(text_query, text_key, text_value)
+        if text_asks:
+            text_parts[-1] = attention_with_lse(text_query, text_key, text_value)
 
     exchange = RingExchange(group)
     me = torch.distributed.get_rank(group)
@@ -150,7 +153,7 @@ def ring_attention(
             exchange.start(block)
         block_key, block_value = block[0], block[1]
         image.add(*attention_with_lse(query, block_key, block_value))
-        if has_text:
+        if text_asks:
             text_parts[(me - hop) % ring] = attention_with_lse(text_query, block_key, block_value)
         if hop < ring - 1:
             block = exchange.wait()
@@ -158,6 +161,8 @@ def ring_attention(
     image_out, _ = image.result()
     if not has_text:
         return image_out, None
+    if not text_asks:
+        return image_out, torch.empty_like(text_query)
     text_out, _ = merge_partial_attention([text_parts[index] for index in sorted(text_parts)])
     return image_out, text_out
 

@@ -3,9 +3,9 @@
 One process group of 2 ranks (hunyuan_video_worker.py) runs Ulysses 2, Ring 2, PipeFusion 2 with
 warmup = steps and with stale K/V, and one-stage patches under Ulysses, Ring and DP, each against
 the one-process run, with prompts whose text is mostly padding under the mask (and more patches than
-text tokens once); then the refusals (CFG 2 for a model with embedded guidance, a row-strip decode,
-prompts that keep different text lengths). Then `ditplan run` on 2 ranks and the cost model's reading
-of the tiny profile.
+text tokens, alone and under Ring); then the refusals (CFG 2 for a model with embedded guidance, a
+row-strip decode, prompts that keep different text lengths). Then `ditplan run` on 2 ranks, the cost
+model's reading of the tiny profile, and the tiny tokenizer's crop of the prompt template.
 """
 from __future__ import annotations
 
@@ -93,3 +93,19 @@ def test_the_cost_model_reads_the_tiny_profile(capsys):
 
     assert main(["simulate", "--model", "tiny-hunyuan-video", "--cluster", "l40-pcie-8", "--config", "ulysses=2"]) == 0
     assert "tiny-hunyuan-video" in capsys.readouterr().out
+
+
+def test_the_tiny_tokenizer_crops_the_prompt_template_where_the_pipeline_does():
+    # The pipeline drops the first crop_start tokens of the encoded template: with the tiny
+    # tokenizer they are exactly the template's part before the prompt, so the prompt's tokens stay.
+    import inspect
+
+    from executor.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny-hunyuan-video")
+    template = inspect.signature(pipe.__call__).parameters["prompt_template"].default
+    before, _ = template["template"].split("{}")
+    assert len(pipe.tokenizer(before).input_ids) == template["crop_start"]
+    _, _, mask = pipe.encode_prompt(prompt="a photo of a cat")
+    assert int(mask.sum()) == 6  # a, photo, of, a, cat and the template's closing token
+    assert pipe.tokenizer.padding_side == "right"  # padding at the end, where the transformer's key mask expects it
