@@ -11,13 +11,15 @@ as {plan: figures or error}. A refusal (the same on every rank) is recorded and 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rank_results import eight_bit, write_and_exit  # noqa: E402
 
 MODEL = "tiny-hunyuan-video"
 PROMPTS = ["a photo of a cat", "a red car at night"]  # five tokens each: one kept text length per batch
@@ -29,12 +31,6 @@ PLANS = (
     # 6 text tokens in 8 strips: two patches carry none, and under Ring their text asks no attention.
     "pipefusion=2,patches=8,warmup=1", "ring=2,patches=8,warmup=1",
 )
-
-
-def eight_bit(frames) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.round(np.asarray(frames, dtype=np.float64) * 255.0))
 
 
 def size() -> dict[str, int]:
@@ -101,7 +97,7 @@ def refusal(attempt) -> dict[str, str]:
     return {"error": "not refused"}
 
 
-def main() -> int:
+def main() -> None:
     result_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
     from costmodel.errors import DitplanError
@@ -138,11 +134,8 @@ def main() -> int:
     # "a cat" keeps 3 text tokens, "a red car at night" 6: one batch, two kept lengths.
     results["refusal|mixed lengths"] = refusal(
         lambda: run_once(parallelize(pipe, plan="ulysses=2", show_progress=False), ["a cat", PROMPTS[1]]))
-    (result_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
-    return 0
+    write_and_exit(result_dir, rank, results)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # skip process-group teardown, which can wait on peers that already left
+    main()

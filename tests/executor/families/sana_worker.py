@@ -10,13 +10,15 @@ and the run goes on.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rank_results import eight_bit, write_and_exit  # noqa: E402
 
 MODEL = "tiny-sana"
 PROMPTS = ["a photo of a cat", "a red car at night"]
@@ -31,12 +33,6 @@ PLANS = (
 # 288 x 864 pixels is one of the pipeline's 512-px bins: 9 x 27 token rows x columns, and 9 rows do not
 # split over two ranks.
 UNEVEN = {"height": 288, "width": 864}
-
-
-def eight_bit(images) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.round(np.asarray(images, dtype=np.float64) * 255.0))
 
 
 def size() -> dict[str, int]:
@@ -106,7 +102,7 @@ def refusal(attempt) -> dict[str, str]:
     return {"error": "not refused"}
 
 
-def main() -> int:
+def main() -> None:
     result_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
     from costmodel.errors import DitplanError
@@ -140,11 +136,8 @@ def main() -> int:
     results["refusal|plan"] = refusal(lambda: run_once(parallelize(pipe, plan="ulysses=2", show_progress=False), UNEVEN))
     results["refusal|vae strips"] = refusal(lambda: run_once(parallelize(pipe, plan="ulysses=2,vae=2", show_progress=False), size()))
     results["refusal|transformer"] = refusal(lambda: uneven_transformer_call(pipe))
-    (result_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
-    return 0
+    write_and_exit(result_dir, rank, results)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # skip process-group teardown, which can wait on peers that already left
+    main()
