@@ -11,96 +11,53 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rank_results import eight_bit, write_and_exit  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from two_rank_checks import PROMPTS, SEED, compare_plans, refusal  # noqa: E402
+from rank_results import write_and_exit  # noqa: E402
 
-PROMPTS = ["a photo of a cat", "a red car at night"]
+MODEL = "tiny-qwen-image"
 STEPS = 3
-SEED = 5
-SIZE = 128  # 8 x 8 tokens (the pipeline's own default, 1024 px, would be 4096)
+SIZE = {"height": 128, "width": 128}  # 8 x 8 tokens (the pipeline's own default, 1024 px, would be 4096)
 NO_CFG = 1.0  # PipeFusion with both guidance branches on one rank needs equal text lengths (refused below)
 
-# (plan, guidance scale or None for the pipeline's, one-process reference: patches and warmup, None = serial).
 # CFG, data and sequence parallelism alone run with every family's tiny model (tests/executor/test_parallel_pipelines.py);
-# here PipeFusion, whose guidance branches join one padded batch.
-CHECKS: list[tuple[str, float | None, tuple[int, int] | None]] = [
-    (f"pipefusion=2,patches=2,warmup={STEPS}", NO_CFG, None),
-    ("pipefusion=2,patches=2,warmup=1", NO_CFG, (2, 1)),
-    ("ulysses=2,patches=2,warmup=1", NO_CFG, (2, 1)),
-    (f"cfg=2,patches=2,warmup={STEPS}", None, None),
-]
+# here PipeFusion, whose guidance branches join one padded batch: without guidance, and with CFG halves.
+PLANS_WITHOUT_CFG = (f"pipefusion=2,patches=2,warmup={STEPS}", "pipefusion=2,patches=2,warmup=1", "ulysses=2,patches=2,warmup=1")
+PLANS_WITH_CFG = (f"cfg=2,patches=2,warmup={STEPS}",)
 # Plans refused on every rank alike before any step: PipeFusion with both guidance branches on a rank
 # (their text lengths differ), and decoding in strips (the VAE cannot).
 REFUSED = ("pipefusion=2,patches=2,warmup=1", "ulysses=2,vae=2")
 
 
-def name_of(plan: str, guidance: float | None) -> str:
-    return plan if guidance is None else f"{plan} guidance={guidance:g}"
-
-
-def reference(pipe, guidance: float | None, patches_warmup: tuple[int, int] | None):
-    """Final latents and 8-bit images of the one-process loop (world of one, no collectives)."""
-    from costmodel.config import ParallelConfig
-    from executor.families import GenerationRequest, adapter_for
-    from executor.loop import denoise
-
-    adapter = adapter_for(pipe)
-    request = GenerationRequest(prompts=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=guidance,
-                                generators=[torch.Generator().manual_seed(SEED + i) for i in range(len(PROMPTS))])
-    job = adapter.prepare(request)
-    config = ParallelConfig() if patches_warmup is None else ParallelConfig(patches=patches_warmup[0], warmup=patches_warmup[1])
-    with torch.no_grad():
-        latents = denoise(job, adapter, config)
-        return job, latents, eight_bit(adapter.decode(job, latents, "np"))
+def without_cfg(plan: str) -> str:
+    return f"{plan} guidance={NO_CFG:g}"
 
 
 def main() -> None:
     result_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
-    from costmodel.errors import DitplanError
     from executor.parallel import parallelize
     from executor.tiny import build_tiny_pipeline
 
     rank = int(os.environ["RANK"])
-    results: dict[str, dict] = {}
-    uncut = build_tiny_pipeline("tiny-qwen-image")  # the one-process references, and the plans that cut nothing
-    for plan, guidance, patches_warmup in CHECKS:
-        name = name_of(plan, guidance)
+    pipe = build_tiny_pipeline(MODEL)
+    results = compare_plans(pipe, PLANS_WITHOUT_CFG, rank, STEPS, SIZE, guidance=NO_CFG, key=without_cfg)
+    if not any(entry.get("refusal") is False for entry in results.values()):
+        results.update(compare_plans(pipe, PLANS_WITH_CFG, rank, STEPS, SIZE))
+
+    def generate(plan: str) -> None:
+        parallel = parallelize(build_tiny_pipeline(MODEL), plan=plan, show_progress=False)
         try:
-            # A pipefusion>1 plan cuts its pipeline to this rank's stage: it gets a pipeline of its own.
-            pipe = build_tiny_pipeline("tiny-qwen-image") if plan.startswith("pipefusion") else uncut
-            parallel = parallelize(pipe, plan=plan, show_progress=False)
-            try:
-                output = parallel(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=SEED,
-                                  guidance_scale=guidance, output_type="latent")
-            finally:
-                parallel.close()
-            if rank == 0:
-                job, ref_latents, ref_pixels = reference(uncut, guidance, patches_warmup)
-                with torch.no_grad():
-                    pixels = eight_bit(parallel.adapter.decode(job, output.images, "np"))
-                results[name] = {"latent_diff": float((output.images - ref_latents).abs().max()),
-                                 "pixel_diff": float((pixels - ref_pixels).abs().max()),
-                                 "latent_scale": float(ref_latents.abs().max())}
-        except Exception as error:  # noqa: BLE001 - recorded per check; the parent test reports it
-            results[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc(limit=8)}
-            if not isinstance(error, DitplanError):
-                break
+            parallel(prompt=PROMPTS, num_inference_steps=STEPS, seed=SEED, **SIZE)
+        finally:
+            parallel.close()
+
     for plan in REFUSED:
-        try:
-            parallel = parallelize(build_tiny_pipeline("tiny-qwen-image"), plan=plan, show_progress=False)
-            try:
-                parallel(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=SEED)
-            finally:
-                parallel.close()
-            results[f"refusal|{plan}"] = {"error": "not refused"}
-        except DitplanError as error:
-            results[f"refusal|{plan}"] = {"message": str(error)}
+        results[f"refusal|{plan}"] = refusal(lambda: generate(plan))
     write_and_exit(result_dir, rank, results)
 
 

@@ -9,21 +9,18 @@ and the run goes on.
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rank_results import eight_bit, write_and_exit  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from two_rank_checks import compare_plans, refusal, run_once, tiny_size, uneven_transformer_call  # noqa: E402
+from rank_results import write_and_exit  # noqa: E402
 
 MODEL = "tiny-sana"
-PROMPTS = ["a photo of a cat", "a red car at night"]
 STEPS = 3
-SEED = 5
 # Linear attention split by heads (Ulysses) and by summaries (Ring), the guidance halves, PipeFusion
 # exact (warmup = steps) and with stale summaries and halo rows, and stale patches under SP and CFG.
 PLANS = (
@@ -35,107 +32,19 @@ PLANS = (
 UNEVEN = {"height": 288, "width": 864}
 
 
-def size() -> dict[str, int]:
-    from executor.tiny import load_tiny_spec
-
-    spec = load_tiny_spec(MODEL)
-    return {"height": spec["default_height"], "width": spec["default_width"]}
-
-
-def one_process_reference(pipe, plan: str, made: dict):
-    """Final latents and 8-bit images of the one-process run that `plan` must reproduce (each made
-    once: `made` keeps them by the one-process configuration)."""
-    from costmodel.config import ParallelConfig
-
-    config = ParallelConfig.parse(plan)
-    reference = ParallelConfig(patches=config.patches, warmup=config.warmup) if config.warmup < STEPS else ParallelConfig()
-    if reference not in made:
-        made[reference] = run_one_process(pipe, reference)
-    return made[reference]
-
-
-def run_one_process(pipe, reference):
-    from executor.families import GenerationRequest, adapter_for
-    from executor.loop import denoise
-
-    adapter = adapter_for(pipe)
-    request = GenerationRequest(prompts=PROMPTS, num_inference_steps=STEPS, **size(),
-                                generators=[torch.Generator().manual_seed(SEED + i) for i in range(len(PROMPTS))])
-    job = adapter.prepare(request)
-    with torch.no_grad():
-        latents = denoise(job, adapter, reference)
-        return job, latents, eight_bit(adapter.decode(job, latents, "np"))
-
-
-def run_once(parallel, sizes: dict[str, int]) -> None:
-    try:
-        parallel(prompt=PROMPTS[:1], num_inference_steps=1, seed=SEED, output_type="np", **sizes)
-    finally:
-        parallel.close()
-
-
-def uneven_transformer_call(pipe) -> None:
-    """The transformer itself under Ulysses 2 at the uneven size (what a model without a profile meets)."""
-    import torch.distributed as dist
-
-    from executor.families import GenerationRequest, adapter_for
-    from executor.sp import enable_sequence_parallel
-
-    adapter = adapter_for(pipe)
-    job = adapter.prepare(GenerationRequest(prompts=PROMPTS[:1], num_inference_steps=1, **UNEVEN,
-                                            generators=[torch.Generator().manual_seed(SEED)]))
-    handle = enable_sequence_parallel(pipe.transformer, "sana", dist.new_group([0, 1]), None)
-    try:
-        with torch.no_grad():
-            pipe.transformer(**adapter.transformer_kwargs(job, job.latents, job.timesteps[0], job.branches[-1:]))
-    finally:
-        handle.remove()
-
-
-def refusal(attempt) -> dict[str, str]:
-    from costmodel.errors import DitplanError
-
-    try:
-        attempt()
-    except DitplanError as error:
-        return {"message": str(error)}
-    return {"error": "not refused"}
-
-
 def main() -> None:
     result_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
-    from costmodel.errors import DitplanError
     from executor.parallel import parallelize
     from executor.tiny import build_tiny_pipeline
 
     rank = int(os.environ["RANK"])
-    results: dict[str, dict] = {}
-    references: dict = {}
     pipe = build_tiny_pipeline(MODEL)
-    for plan in PLANS:
-        try:
-            reference = one_process_reference(pipe, plan, references) if rank == 0 else None
-            # PipeFusion cuts the transformer to this rank's stage: each plan gets a fresh pipeline.
-            parallel = parallelize(copy.deepcopy(pipe) if "pipefusion" in plan else pipe, plan=plan, show_progress=False)
-            try:
-                output = parallel(prompt=PROMPTS, num_inference_steps=STEPS, seed=SEED, output_type="latent", **size())
-            finally:
-                parallel.close()
-            if rank == 0:
-                job, ref_latents, ref_pixels = reference
-                with torch.no_grad():
-                    pixels = eight_bit(parallel.adapter.decode(job, output.images, "np"))
-                results[plan] = {"latent_diff": float((output.images - ref_latents).abs().max()),
-                                 "pixel_diff": float((pixels - ref_pixels).abs().max()),
-                                 "latent_scale": float(ref_latents.abs().max())}
-        except Exception as error:  # noqa: BLE001 - recorded per plan; the parent test reports it
-            results[plan] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc(limit=8)}
-            if not isinstance(error, DitplanError):
-                break
+    size = tiny_size(MODEL)
+    results = compare_plans(pipe, PLANS, rank, STEPS, size)
     results["refusal|plan"] = refusal(lambda: run_once(parallelize(pipe, plan="ulysses=2", show_progress=False), UNEVEN))
-    results["refusal|vae strips"] = refusal(lambda: run_once(parallelize(pipe, plan="ulysses=2,vae=2", show_progress=False), size()))
-    results["refusal|transformer"] = refusal(lambda: uneven_transformer_call(pipe))
+    results["refusal|vae strips"] = refusal(lambda: run_once(parallelize(pipe, plan="ulysses=2,vae=2", show_progress=False), size))
+    results["refusal|transformer"] = refusal(lambda: uneven_transformer_call(pipe, "sana", UNEVEN))
     write_and_exit(result_dir, rank, results)
 
 

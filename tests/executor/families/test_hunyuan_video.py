@@ -9,45 +9,35 @@ model's reading of the tiny profile, and the tiny tokenizer's crop of the prompt
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from executor_spawn import assert_follows_nccl_rules, recorded_communication, run_ranks  # noqa: E402
+from executor_spawn import assert_follows_nccl_rules  # noqa: E402
+from two_rank_checks import (  # noqa: E402
+    LATENT_TOLERANCE,
+    assert_matches_one_process,
+    assert_refused_alike,
+    ditplan_run_on_two_ranks,
+    spawn_pair,
+)
 from hunyuan_video_worker import PLANS  # noqa: E402
-
-LATENT_TOLERANCE = 1e-4
-PIXEL_TOLERANCE = 1.0  # one 8-bit level
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("hunyuan_video2")
-    with recorded_communication(folder / "communication"):
-        outcomes = run_ranks(HERE / "hunyuan_video_worker.py", 2, [str(folder)], deadline_s=420)
-    for rank, (code, output) in enumerate(outcomes):
-        assert code == 0, f"rank {rank} exited with {code}:\n{output[-4000:]}"
-    return {"folder": folder, **{rank: json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)}}
+    return spawn_pair(HERE / "hunyuan_video_worker.py", tmp_path_factory.mktemp("hunyuan_video2"))
 
 
 @pytest.mark.timeout(480)
 @pytest.mark.parametrize("plan", PLANS)
 def test_two_rank_plan_matches_the_one_process_run(two_ranks, plan):
-    results = two_ranks[0]
-    assert plan in results, f"{plan} was not run (an earlier check broke the process group?)"
-    entry = results[plan]
-    assert "error" not in entry, f"{plan}: {entry['error']}\n{entry.get('trace', '')}"
-    assert entry["latent_diff"] <= LATENT_TOLERANCE, f"{plan}: latents differ by {entry['latent_diff']:.3g}"
-    assert entry["pixel_diff"] <= PIXEL_TOLERANCE, f"{plan}: 8-bit frames differ by {entry['pixel_diff']} levels"
+    assert_matches_one_process(two_ranks[0], plan)
 
 
 @pytest.mark.timeout(480)
@@ -69,23 +59,13 @@ def test_every_plan_follows_nccl_rules(two_ranks):
     ("mixed lengths", "keep different numbers of text tokens"),
 ])
 def test_what_the_executor_cannot_run_is_refused_alike_in_words(two_ranks, what, words):
-    messages = [two_ranks[rank][f"refusal|{what}"] for rank in (0, 1)]
-    assert all("message" in m for m in messages), messages
-    assert messages[0]["message"] == messages[1]["message"]
-    assert words in messages[0]["message"]
+    assert_refused_alike(two_ranks, what, words)
 
 
 @pytest.mark.timeout(300)
 def test_ditplan_run_on_two_ranks(tmp_path):
-    out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "planner", "run", "--model", "tiny-hunyuan-video", "--plan", "ring=2", "--nproc", "2",
-         "--steps", "2", "--seed", "3", "--prompt", "a red car", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((out / "run.json").read_text())
-    assert record["world_size"] == 2 and "ring=2" in record["config"]
-    assert len(record["files"]) == 5 and all((out / name).is_file() for name in record["files"])  # one video of 5 frames
+    record = ditplan_run_on_two_ranks(tmp_path / "run", "tiny-hunyuan-video", "ring=2", "--steps", "2")
+    assert "ring=2" in record["config"] and len(record["files"]) == 5  # one video of 5 frames
 
 
 def test_the_cost_model_reads_the_tiny_profile(capsys):

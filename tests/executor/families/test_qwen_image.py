@@ -7,8 +7,6 @@ test_families.py)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,15 +14,17 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from executor_spawn import assert_follows_nccl_rules, recorded_communication, run_ranks  # noqa: E402
-from qwen_image_worker import CHECKS, REFUSED, name_of  # noqa: E402
-
-LATENT_TOLERANCE = 1e-4
-PIXEL_TOLERANCE = 1.0  # one 8-bit level
+from executor_spawn import assert_follows_nccl_rules  # noqa: E402
+from qwen_image_worker import PLANS_WITH_CFG, PLANS_WITHOUT_CFG, REFUSED, without_cfg  # noqa: E402
+from two_rank_checks import (  # noqa: E402
+    assert_matches_one_process,
+    assert_refused_alike,
+    ditplan_run_on_two_ranks,
+    spawn_pair,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,32 +66,20 @@ def test_guidance_keeps_the_conditional_norm_per_token(pipe):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen-image")
-    with recorded_communication(folder / "communication"):
-        outcomes = run_ranks(HERE / "qwen_image_worker.py", 2, [str(folder)], deadline_s=420)
-    for rank, (code, output) in enumerate(outcomes):
-        assert code == 0, f"rank {rank} exited with {code}:\n{output[-4000:]}"
-    return {"folder": folder, **{rank: json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)}}
+    return spawn_pair(HERE / "qwen_image_worker.py", tmp_path_factory.mktemp("qwen-image"))
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", [name_of(plan, guidance) for plan, guidance, _ in CHECKS])
+@pytest.mark.parametrize("name", [*map(without_cfg, PLANS_WITHOUT_CFG), *PLANS_WITH_CFG])
 def test_two_rank_plan_matches_the_one_process_loop(two_ranks, name):
-    results = two_ranks[0]
-    assert name in results, f"{name} was not run (an earlier check broke the process group?)"
-    entry = results[name]
-    assert "error" not in entry, f"{name}: {entry['error']}\n{entry.get('trace', '')}"
-    assert entry["latent_diff"] <= LATENT_TOLERANCE, f"{name}: latents differ by {entry['latent_diff']:.3g} (scale {entry['latent_scale']:.3g})"
-    assert entry["pixel_diff"] <= PIXEL_TOLERANCE, f"{name}: 8-bit images differ by {entry['pixel_diff']} levels"
+    assert_matches_one_process(two_ranks[0], name)
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("plan, words", list(zip(REFUSED, [("different token lengths", "cfg=2"), ("row strips", "vae=1")])))
 def test_what_cannot_run_is_refused_alike_on_both_ranks(two_ranks, plan, words):
-    messages = [two_ranks[rank][f"refusal|{plan}"] for rank in (0, 1)]
-    assert all("message" in m for m in messages), messages
-    assert messages[0] == messages[1]
-    assert all(word in messages[0]["message"] for word in words), messages[0]
+    for word in words:
+        assert_refused_alike(two_ranks, plan, word)
 
 
 @pytest.mark.timeout(600)
@@ -101,14 +89,9 @@ def test_every_plan_follows_nccl_rules(two_ranks):
 
 @pytest.mark.timeout(300)
 def test_ditplan_run_with_ulysses_2(tmp_path):
-    args = ["--model", "tiny-qwen-image", "--plan", "ulysses=2", "--nproc", "2", "--steps", "2", "--height", "128",
-            "--width", "128", "--prompt", "a cat", "--out", str(tmp_path / "out")]
-    result = subprocess.run([sys.executable, "-m", "planner", "run", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    record = ditplan_run_on_two_ranks(tmp_path / "out", "tiny-qwen-image", "ulysses=2", "--steps", "2", "--height", "128",
+                                      "--width", "128")
     assert "ulysses=2" in record["config"] and record["files"] == ["image-000.png"]
-    assert (tmp_path / "out" / "image-000.png").is_file()
 
 
 def test_the_cost_model_reads_the_tiny_yaml(capsys):

@@ -8,9 +8,6 @@ refusals; then `ditplan run` on 2 ranks and the cost model's reading of the tiny
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,15 +15,17 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from executor_spawn import assert_follows_nccl_rules, recorded_communication, run_ranks  # noqa: E402
+from executor_spawn import assert_follows_nccl_rules  # noqa: E402
+from two_rank_checks import (  # noqa: E402
+    assert_matches_one_process,
+    assert_refused_alike,
+    ditplan_run_on_two_ranks,
+    spawn_pair,
+)
 from sana_worker import PLANS  # noqa: E402
-
-LATENT_TOLERANCE = 1e-4
-PIXEL_TOLERANCE = 1.0  # one 8-bit level
 
 
 def test_the_linear_attention_processor_is_diffusers_arithmetic():
@@ -62,23 +61,13 @@ def test_a_strip_with_its_halo_rows_computes_the_whole_grids_rows():
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("sana2")
-    with recorded_communication(folder / "communication"):
-        outcomes = run_ranks(HERE / "sana_worker.py", 2, [str(folder)], deadline_s=420)
-    for rank, (code, output) in enumerate(outcomes):
-        assert code == 0, f"rank {rank} exited with {code}:\n{output[-4000:]}"
-    return {"folder": folder, **{rank: json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)}}
+    return spawn_pair(HERE / "sana_worker.py", tmp_path_factory.mktemp("sana2"))
 
 
 @pytest.mark.timeout(480)
 @pytest.mark.parametrize("plan", PLANS)
 def test_two_rank_plan_matches_the_one_process_run(two_ranks, plan):
-    results = two_ranks[0]
-    assert plan in results, f"{plan} was not run (an earlier check broke the process group?)"
-    entry = results[plan]
-    assert "error" not in entry, f"{plan}: {entry['error']}\n{entry.get('trace', '')}"
-    assert entry["latent_diff"] <= LATENT_TOLERANCE, f"{plan}: latents differ by {entry['latent_diff']:.3g}"
-    assert entry["pixel_diff"] <= PIXEL_TOLERANCE, f"{plan}: 8-bit images differ by {entry['pixel_diff']} levels"
+    assert_matches_one_process(two_ranks[0], plan)
 
 
 @pytest.mark.timeout(480)
@@ -86,10 +75,7 @@ def test_two_rank_plan_matches_the_one_process_run(two_ranks, plan):
 def test_rows_that_do_not_split_are_refused_alike_in_words(two_ranks, where, words):
     # The plan is refused by the cost model's rule before anything runs; a transformer called
     # directly (a model without a profile) is refused by the sequence-parallel hooks.
-    messages = [two_ranks[rank][f"refusal|{where}"] for rank in (0, 1)]
-    assert all("message" in m for m in messages), messages
-    assert messages[0]["message"] == messages[1]["message"]
-    assert words in messages[0]["message"]
+    assert_refused_alike(two_ranks, where, words)
 
 
 @pytest.mark.timeout(480)
@@ -105,15 +91,8 @@ def test_every_plan_follows_nccl_rules(two_ranks):
 
 @pytest.mark.timeout(300)
 def test_ditplan_run_on_two_ranks(tmp_path):
-    out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "planner", "run", "--model", "tiny-sana", "--plan", "pipefusion=2,patches=2", "--nproc", "2",
-         "--steps", "2", "--seed", "3", "--prompt", "a cat", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((out / "run.json").read_text())
-    assert record["world_size"] == 2 and "pipefusion=2" in record["config"]
-    assert len(record["files"]) == 1 and all((out / name).is_file() for name in record["files"])
+    record = ditplan_run_on_two_ranks(tmp_path / "run", "tiny-sana", "pipefusion=2,patches=2", "--steps", "2")
+    assert "pipefusion=2" in record["config"] and len(record["files"]) == 1
 
 
 def test_the_cost_model_reads_the_tiny_profile(capsys):

@@ -9,45 +9,34 @@ the refusals. Then `ditplan run` on 2 ranks and the cost model's reading of the 
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from executor_spawn import assert_follows_nccl_rules, recorded_communication, run_ranks  # noqa: E402
+from executor_spawn import assert_follows_nccl_rules  # noqa: E402
+from two_rank_checks import (  # noqa: E402
+    assert_matches_one_process,
+    assert_refused_alike,
+    ditplan_run_on_two_ranks,
+    spawn_pair,
+)
 from wan_worker import EXPERT_STEP_COUNTS, PLANS  # noqa: E402
-
-LATENT_TOLERANCE = 1e-4
-PIXEL_TOLERANCE = 1.0  # one 8-bit level
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("wan2")
-    with recorded_communication(folder / "communication"):
-        outcomes = run_ranks(HERE / "wan_worker.py", 2, [str(folder)], deadline_s=420)
-    for rank, (code, output) in enumerate(outcomes):
-        assert code == 0, f"rank {rank} exited with {code}:\n{output[-4000:]}"
-    return {"folder": folder, **{rank: json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)}}
+    return spawn_pair(HERE / "wan_worker.py", tmp_path_factory.mktemp("wan2"))
 
 
 @pytest.mark.timeout(480)
 @pytest.mark.parametrize("plan", PLANS)
 def test_two_rank_plan_matches_the_one_process_run(two_ranks, plan):
-    results = two_ranks[0]
-    assert plan in results, f"{plan} was not run (an earlier check broke the process group?)"
-    entry = results[plan]
-    assert "error" not in entry, f"{plan}: {entry['error']}\n{entry.get('trace', '')}"
-    assert entry["latent_diff"] <= LATENT_TOLERANCE, f"{plan}: latents differ by {entry['latent_diff']:.3g}"
-    assert entry["pixel_diff"] <= PIXEL_TOLERANCE, f"{plan}: 8-bit frames differ by {entry['pixel_diff']} levels"
+    assert_matches_one_process(two_ranks[0], plan)
 
 
 @pytest.mark.timeout(480)
@@ -55,10 +44,7 @@ def test_two_rank_plan_matches_the_one_process_run(two_ranks, plan):
 def test_tokens_that_do_not_split_are_refused_alike_in_words(two_ranks, where, words):
     # The plan is refused by the cost model's rule before anything runs; a transformer called
     # directly (a model without a profile) is refused by the sequence-parallel hooks.
-    messages = [two_ranks[rank][f"refusal|{where}"] for rank in (0, 1)]
-    assert all("message" in m for m in messages), messages
-    assert messages[0]["message"] == messages[1]["message"]
-    assert words in messages[0]["message"]
+    assert_refused_alike(two_ranks, where, words)
 
 
 @pytest.mark.timeout(480)
@@ -79,16 +65,10 @@ def test_what_the_executor_cannot_run_is_refused_in_words(two_ranks, what, words
 
 @pytest.mark.timeout(300)
 def test_ditplan_run_on_two_ranks(tmp_path):
-    out = tmp_path / "run"
     # Two experts cut into two stages; 4 steps cross the boundary (2 per expert).
-    result = subprocess.run(
-        [sys.executable, "-m", "planner", "run", "--model", "tiny-wan2.2", "--plan", "pipefusion=2,warmup=1", "--nproc", "2",
-         "--steps", "4", "--guidance-scale-2", "3.0", "--seed", "3", "--prompt", "a cat", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((out / "run.json").read_text())
-    assert record["world_size"] == 2 and "pipefusion=2" in record["config"]
-    assert len(record["files"]) == 5 and all((out / name).is_file() for name in record["files"])  # one video of 5 frames
+    record = ditplan_run_on_two_ranks(tmp_path / "run", "tiny-wan2.2", "pipefusion=2,warmup=1", "--steps", "4",
+                                      "--guidance-scale-2", "3.0")
+    assert "pipefusion=2" in record["config"] and len(record["files"]) == 5  # one video of 5 frames
 
 
 @pytest.mark.parametrize("model, config", [("tiny-wan2.1", "ulysses=2"), ("tiny-wan2.2", "pipefusion=2,warmup=1")])
