@@ -93,7 +93,7 @@ def compare_plans(pipe: Any, plans: Iterable[str], rank: int, steps: int, sizes:
                 parallel.close()
             if rank == 0:
                 job, ref_latents, ref_pixels = reference
-                latents = output.frames if hasattr(output, "frames") else output.images
+                latents = output.images if getattr(output, "frames", None) is None else output.frames
                 with torch.no_grad():
                     pixels = eight_bit(parallel.adapter.decode(job, latents, "np"))
                 results[key(plan)] = {"latent_diff": float((latents - ref_latents).abs().max()),
