@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[0]))
-from rank_results import eight_bit, write_and_exit  # noqa: E402
+from rank_results import eight_bit, tiny_size, write_and_exit  # noqa: E402
 
 # Ring 4 and Ulysses 4 run on two families only (the 4-rank spawn's time): one whose text stays out
 # of the attention, and Flux, whose text is split with the image where its token count divides.
@@ -38,18 +38,6 @@ def configs_for(world: int, family: str) -> list[str]:
     if family in WIDE_SP_FAMILIES:
         configs += ["ring=4", "ulysses=4"]
     return configs
-
-
-def tiny_size(model_id: str) -> dict[str, int]:
-    """The tiny model's own default size (some pipelines default to their real model's: 1024 px, or
-    Wan's 480x832 x 81 frames, whose transformer config holds no sample size to scale down)."""
-    from executor.tiny import load_tiny_spec
-
-    spec = load_tiny_spec(model_id)
-    size = {"height": spec["default_height"], "width": spec["default_width"]}
-    if spec["default_frames"] > 1:
-        size["num_frames"] = spec["default_frames"]
-    return size
 
 
 def serial_reference(pipe, size: dict[str, int]):

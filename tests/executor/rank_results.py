@@ -1,5 +1,5 @@
-"""What every spawned test worker does with its figures: 8-bit levels of decoded images, and one
-JSON file per rank written before a hard exit."""
+"""What every spawned test worker shares: the tiny model's size, 8-bit levels of decoded images,
+and one JSON file per rank written before a hard exit."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,18 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+def tiny_size(model_id: str) -> dict[str, int]:
+    """The tiny model's own default size (some pipelines default to their real model's: 1024 px, or
+    Wan's 480x832 x 81 frames, whose transformer config holds no sample size to scale down)."""
+    from executor.tiny import load_tiny_spec
+
+    spec = load_tiny_spec(model_id)
+    size = {"height": spec["default_height"], "width": spec["default_width"]}
+    if spec["default_frames"] > 1:
+        size["num_frames"] = spec["default_frames"]
+    return size
 
 
 def eight_bit(images: Any) -> torch.Tensor:

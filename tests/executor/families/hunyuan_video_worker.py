@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from two_rank_checks import PROMPTS, SEED, compare_plans, refusal, run_once, tiny_size  # noqa: E402
-from rank_results import write_and_exit  # noqa: E402
+from two_rank_checks import PROMPTS, SEED, compare_plans, refusal, run_once  # noqa: E402
+from rank_results import tiny_size, write_and_exit  # noqa: E402
 
 MODEL = "tiny-hunyuan-video"
 STEPS = 3

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from two_rank_checks import compare_plans, refusal, run_once, tiny_size, uneven_transformer_call  # noqa: E402
-from rank_results import write_and_exit  # noqa: E402
+from two_rank_checks import compare_plans, refusal, run_once, uneven_transformer_call  # noqa: E402
+from rank_results import tiny_size, write_and_exit  # noqa: E402
 
 MODEL = "tiny-sana"
 STEPS = 3

@@ -32,15 +32,6 @@ PIXEL_TOLERANCE = 1.0  # one 8-bit level
 
 
 # ----------------------------------------------------------------------------------- worker side
-def tiny_size(model: str) -> dict[str, int]:
-    """The tiny model's own default size (the pipelines' defaults are their real models')."""
-    from executor.tiny import load_tiny_spec
-
-    spec = load_tiny_spec(model)
-    frames = spec["default_frames"]
-    return {"height": spec["default_height"], "width": spec["default_width"], **({"num_frames": frames} if frames > 1 else {})}
-
-
 def reference_config(plan: str, steps: int) -> Any:
     """The one-process configuration `plan` must reproduce: the same patches and warmup where it
     runs on stale K/V, else the serial loop."""

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from two_rank_checks import PROMPTS, compare_plans, refusal, run_once, tiny_size, uneven_transformer_call  # noqa: E402
-from rank_results import write_and_exit  # noqa: E402
+from two_rank_checks import PROMPTS, compare_plans, refusal, run_once, uneven_transformer_call  # noqa: E402
+from rank_results import tiny_size, write_and_exit  # noqa: E402
 
 # Per model: its steps and plans. CFG 2, DP 2, Ulysses 2 and Ring 2 run for every family's first
 # tiny model (tiny-wan2.1) in tests/executor/test_parallel_pipelines.py.
