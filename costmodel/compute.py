@@ -112,7 +112,7 @@ def block_gpu_host(cluster: Cluster, model: ModelSpec, work: BlockWork, attentio
             return table(work.batch * (work.image_tokens + work.text_tokens)) + extra_gpu, 0.0
     other, attn = _block_parts(cluster.hardware, model, work)
     gpu = other + (attn if attention is None else attention) + extra_gpu
-    host = (kernels_and_passes(model.family, work.kind)[0] + extra_ops) * cluster.host_op_us * 1e-6
+    host = (kernels_and_passes(model, work.kind)[0] + extra_ops) * cluster.host_op_us * 1e-6
     operations = cluster.hardware.operations
     if operations is not None and operations.serial_host:
         # The device is the dispatching thread itself (a profiled CPU): dispatch and work add up.

@@ -30,10 +30,21 @@ MAX_BLOCKS = 10_000
 TRAIN_TIMESTEPS = 1000
 
 
+# Counted operator figures of one block (see costmodel.flops.kernels_and_passes) are bounded far
+# above any real block: a few hundred eager operators and slab passes.
+MAX_BLOCK_KERNELS = 2000
+MAX_BLOCK_PASSES = 2000.0
+
+
 @dataclass(frozen=True)
 class BlockGroup:
     kind: str
     count: int
+    # Counted from the real module (benchmarks/published_transformers.py): eager operators one block
+    # launches, and the bytes its elementwise operators read and write in slab passes per row. None:
+    # the family's figures (costmodel.flops.KERNELS_AND_PASSES) stand in.
+    kernels: float | None = None
+    passes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -209,9 +220,13 @@ def _load_model_file(path_text: str) -> ModelSpec:
     groups = []
     for index, entry in enumerate(strict.sequence(tr, "blocks", tw)):
         bw = f"{tw}.blocks[{index}]"
-        strict.check_keys(entry, bw, ("kind", "count"))
+        strict.check_keys(entry, bw, ("kind", "count"), ("kernels", "passes"))
+        counted = {key: strict.number(entry, key, bw, maximum=bound) if key in entry else None
+                   for key, bound in (("kernels", MAX_BLOCK_KERNELS), ("passes", MAX_BLOCK_PASSES))}
+        if (counted["kernels"] is None) != (counted["passes"] is None):
+            raise DitplanError(f"{bw}: 'kernels' and 'passes' are counted together; give both or neither.")
         groups.append(BlockGroup(strict.text(entry, "kind", bw, choices=BLOCK_KINDS),
-                                 strict.integer(entry, "count", bw, maximum=MAX_BLOCKS)))
+                                 strict.integer(entry, "count", bw, maximum=MAX_BLOCKS), **counted))
     blocks = tuple(groups) * repeat
     if sum(group.count for group in blocks) > MAX_BLOCKS:
         raise DitplanError(f"{tw}.blocks: {sum(group.count for group in blocks)} blocks in all (counts x repeat) is not "

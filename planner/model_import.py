@@ -1,7 +1,8 @@
 """`ditplan models import PATH`: a model YAML from a diffusers model folder or a transformer config.json.
 
-The transformer is built from its config on PyTorch's meta device (no weights) and its parameters are
-counted there; its structure (width, heads, block kinds and counts, patch sizes, MLP width) is read
+The transformer is built from its config on PyTorch's meta device (no weights); its parameters, and
+the operators and elementwise bytes of one forward per block (planner.module_count), are counted
+there; its structure (width, heads, block kinds and counts, patch sizes, MLP width) is read
 from the config by the family's reader below. A folder's `model_index.json` also gives the experts
 (`transformer_2`, `boundary_ratio`) and its `vae/config.json` the VAE, counted on the meta device too.
 What a transformer config cannot say (text encoders, prompt length, default size, steps, guidance) is
@@ -122,8 +123,8 @@ def _init_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
-def _meta_params(class_name: str, config: dict[str, Any], where: Path) -> int:
-    """Parameters of the diffusers module `class_name` built from `config` on the meta device."""
+def _meta_module(class_name: str, config: dict[str, Any], where: Path) -> Any:
+    """The diffusers module `class_name` built from `config` on the meta device."""
     import diffusers
     import torch
 
@@ -132,10 +133,35 @@ def _meta_params(class_name: str, config: dict[str, Any], where: Path) -> int:
         raise DitplanError(f"{where}: diffusers {diffusers.__version__} has no class {class_name!r}.")
     try:
         with torch.device("meta"):
-            module = cls(**_init_kwargs(config))
+            return cls(**_init_kwargs(config)).eval()
     except TypeError as error:
         raise DitplanError(f"{where}: {class_name} rejects this config ({error}).") from None
-    return sum(p.numel() for p in module.parameters())
+
+
+def _meta_params(class_name: str, config: dict[str, Any], where: Path) -> int:
+    return sum(p.numel() for p in _meta_module(class_name, config, where).parameters())
+
+
+def _add_operator_counts(data: dict[str, Any], module: Any) -> None:
+    """Give every block entry of `data` its kernels and elementwise passes, counted from one forward
+    of `module` on the meta device at the model's default size (planner.module_count); where the
+    forward cannot be counted, the family's figures stand and `source` says why."""
+    from costmodel.specs import load_model
+    from planner.module_count import count_block_operations
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.yaml"
+        write_yaml(data, path)
+        spec = load_model(str(path))
+    try:
+        counts = count_block_operations(module, spec, spec.default_height, spec.default_width, spec.default_frames)
+    except (ValueError, RuntimeError, TypeError) as error:
+        data["source"] += f"; operators per block: the family's figures (the forward could not be counted: {error})"
+        return
+    for group in data["transformer"]["blocks"]:
+        kernels, passes = counts[group["kind"]]
+        group.update(kernels=round(kernels, 1), passes=round(passes, 1))
+    data["source"] += "; operators and elementwise passes per block counted from one forward on the meta device"
 
 
 def import_model(path: str | Path, model_id: str | None = None) -> dict[str, Any]:
@@ -160,7 +186,8 @@ def import_model(path: str | Path, model_id: str | None = None) -> dict[str, Any
         transformer = importer.read(config)
     except (KeyError, TypeError, IndexError) as error:
         raise DitplanError(f"{config_path}: {class_name} config lacks or misstates {error}.") from None
-    params = _meta_params(str(class_name), config, config_path)
+    module = _meta_module(str(class_name), config, config_path)
+    params = sum(p.numel() for p in module.parameters())
     reference = load_model(importer.reference)
     experts = 2 if "transformer_2" in index else 1
     transformer = {"params": float(f"{params:.4g}"), **transformer}
@@ -185,7 +212,7 @@ def import_model(path: str | Path, model_id: str | None = None) -> dict[str, Any
         vae_source = f"VAE parameters counted from {vae_config_path.name}, its other figures of {reference.id}"
     name = model_id or (path.name if path.is_dir() else f"imported-{importer.family}")
     where = f"{path}/transformer/config.json" if path.is_dir() else str(path)
-    return {
+    data = {
         "id": name,
         "family": importer.family,
         "source": (f"ditplan models import {path}: transformer structure from {where} ({class_name}), "
@@ -203,6 +230,8 @@ def import_model(path: str | Path, model_id: str | None = None) -> dict[str, Any
                  "encoders": [{"name": e.name, "params": e.params} for e in reference.encoders]},
         "vae": vae,
     }
+    _add_operator_counts(data, module)
+    return data
 
 
 def write_yaml(data: dict[str, Any], out: Path) -> None:

@@ -112,3 +112,16 @@ def test_gpu_check_two_rank_part_runs_on_two_cpu_processes():
                                                                              "pipefusion=2,patches=2,warmup=1")]
     assert len(plans) == 5 and all(line.endswith("ok") for line in plans), result.stdout
     assert "NCCL rules on the recorded calls: no finding" in result.stdout
+
+
+def test_gpu_check_reprices_a_recorded_report(capsys):
+    """--reprice predicts the whole-transformer steps an H100 report measured with today's profiles."""
+    results = ROOT / "benchmarks" / "results"
+    report = results / "gpu_check-nvidia-h100-80gb-hbm3-20261126.txt"
+    assert _gpu_check().main(["--reprice", str(report), "--op-tables", str(report.with_suffix(".profile.yaml"))]) == 0
+    out = capsys.readouterr().out
+    assert "against today's h100-sxm-nvlink-8 profile" in out
+    rows = [line for line in out.splitlines() if line.split() and line.split()[0] in {
+        "pixart-alpha", "flux-dev", "wan2.1-t2v-14b", "hunyuan-video", "qwen-image"}]
+    assert len(rows) == 5 and all(line.count("%") == 4 for line in rows), out
+    assert out.splitlines()[-1].startswith("median |error|: builtin ")

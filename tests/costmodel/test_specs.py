@@ -47,6 +47,16 @@ def test_figures_of_selected_models():
     assert load_model("pixart-alpha").image_tokens(1024, 1024, 1) == 4096
 
 
+def test_counted_operator_figures_replace_the_family_estimate():
+    from costmodel.flops import KERNELS_AND_PASSES, kernels_and_passes
+
+    sd35 = load_model("sd3.5-large")  # q/k RMSNorm: more operators than the family's SD3-medium
+    assert kernels_and_passes(sd35, "joint") == (sd35.blocks[0].kernels, sd35.blocks[0].passes)
+    assert kernels_and_passes(sd35, "joint")[0] > KERNELS_AND_PASSES[("sd3", "joint")][0] + 20
+    tiny = load_model("tiny-sd3-medium")
+    assert tiny.blocks[0].kernels is None and kernels_and_passes(tiny, "joint") == KERNELS_AND_PASSES[("sd3", "joint")]
+
+
 def test_tiny_models_with_build_section_load():
     tiny = [name for name in list_models() if name.startswith("tiny-")]
     for name in tiny:
@@ -74,6 +84,9 @@ def _model_data() -> dict:
     (lambda d: d["transformer"].update(attention="sparse"), ["'sparse'", "must be one of"]),
     (lambda d: d["transformer"].update(experts=3), ["experts", "1 or 2"]),
     (lambda d: d["transformer"].update(experts=2), ["expert_boundary_ratio", "between 0 and 1"]),
+    (lambda d: d["transformer"]["blocks"][0].pop("passes"), ["blocks[0]", "'kernels' and 'passes'", "both or neither"]),
+    (lambda d: d["transformer"]["blocks"][0].update(passes=float("nan")), ["blocks[0].passes", "not a finite number"]),
+    (lambda d: d["transformer"]["blocks"][0].update(kernels=5000), ["blocks[0].kernels", "<= 2000"]),
 ])
 def test_model_schema_breaks_name_file_key_and_rule(tmp_path, mutate, words):
     data = _model_data()

@@ -1,0 +1,155 @@
+"""What a transformer module does in one denoising step, counted on PyTorch's meta device.
+
+`forward_inputs` makes the arguments a family's pipeline passes its transformer for one step, and
+`count_block_operations` runs one forward of a module built on the meta device (no weights, no
+memory) and counts, per block kind, the eager operators each block launches and the bytes its
+elementwise operators move. `ditplan models import` writes these counts into a model profile; the
+catalogue's were made the same way (benchmarks/published_transformers.py). torch is imported only
+when a function runs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from costmodel.specs import ModelSpec
+
+# The ModuleLists that hold a transformer's blocks, in every catalogue family.
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "temporal_transformer_blocks", "blocks")
+# Matrix products (priced as GEMMs) and operators that launch no kernel (allocation, scalars).
+MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution"})
+NO_KERNEL_OPS = frozenset({"detach", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+                           "lift_fresh", "_local_scalar_dense", "alias", "_unsafe_view"})
+
+
+def forward_inputs(spec: ModelSpec, config: dict[str, Any], batch: int, height: int, width: int, frames: int,
+                   tensor: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """The forward arguments for one step of `spec`'s transformer, built from `config`, as the
+    family's pipeline passes them.
+
+    `tensor(*shape)` makes the floating-point inputs (default: `torch.empty`, which on the meta
+    device allocates nothing); masks, ids and shapes are made here whatever `tensor` is."""
+    import torch
+
+    tensor = tensor or torch.empty
+    h, w = height // spec.vae_spatial_factor, width // spec.vae_spatial_factor
+    device = tensor(1).device
+    text = tensor(batch, spec.text_tokens, spec.text_hidden)
+    t = tensor(batch)
+    family = spec.family
+    if family == "pixart":
+        return dict(hidden_states=tensor(batch, 4, h, w), encoder_hidden_states=text, timestep=t,
+                    added_cond_kwargs={"resolution": tensor(batch, 2), "aspect_ratio": tensor(batch, 1)})
+    if family == "sd3":
+        return dict(hidden_states=tensor(batch, 16, h, w), encoder_hidden_states=text, timestep=t,
+                    pooled_projections=tensor(batch, 2048))
+    if family == "flux":
+        tokens = (h // 2) * (w // 2)
+        return dict(hidden_states=tensor(batch, tokens, 64), encoder_hidden_states=text, timestep=t,
+                    pooled_projections=tensor(batch, 768), img_ids=torch.zeros(tokens, 3, device=device),
+                    txt_ids=torch.zeros(spec.text_tokens, 3, device=device),
+                    guidance=tensor(batch) if config.get("guidance_embeds") else None)
+    if family == "hunyuan":
+        tokens = (h // 2) * (w // 2)
+        return dict(hidden_states=tensor(batch, 4, h, w), timestep=t,
+                    encoder_hidden_states=tensor(batch, 77, 1024), text_embedding_mask=torch.ones(batch, 77, device=device),
+                    encoder_hidden_states_t5=tensor(batch, 256, 2048),
+                    text_embedding_mask_t5=torch.ones(batch, 256, device=device),
+                    image_rotary_emb=(tensor(tokens, 88), tensor(tokens, 88)))
+    if family == "cogvideox":
+        token_frames = spec.token_grid(height, width, frames)[0]
+        latent_frames = token_frames * spec.temporal_patch_size  # padded up to whole temporal patches
+        tokens = token_frames * (h // 2) * (w // 2)
+        rotary = (tensor(tokens, 64), tensor(tokens, 64)) if config.get("use_rotary_positional_embeddings") else None
+        inputs = dict(hidden_states=tensor(batch, latent_frames, spec.in_channels, h, w),
+                      encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary)
+        if spec.face_attention is not None:  # ConsisID: the face embedding and the face ViT's 5 hidden states
+            inputs.update(id_cond=tensor(batch, 1280), id_vit_hidden=[tensor(batch, 577, 1024)] * 5)
+        return inputs
+    if family == "wan":
+        return dict(hidden_states=tensor(batch, 16, spec.latent_frames(frames), h, w), timestep=t,
+                    encoder_hidden_states=text)
+    if family == "hunyuan-video":
+        return dict(hidden_states=tensor(batch, 16, spec.latent_frames(frames), h, w), timestep=t,
+                    encoder_hidden_states=text, encoder_attention_mask=torch.ones(batch, spec.text_tokens, device=device),
+                    pooled_projections=tensor(batch, 768), guidance=tensor(batch))
+    if family == "qwen-image":
+        return dict(hidden_states=tensor(batch, (h // 2) * (w // 2), 64), encoder_hidden_states=text, timestep=t,
+                    encoder_hidden_states_mask=torch.ones(batch, spec.text_tokens, dtype=torch.bool, device=device),
+                    img_shapes=[(1, h // 2, w // 2)] * batch)
+    if family == "sana":
+        return dict(hidden_states=tensor(batch, 32, h, w), encoder_hidden_states=text, timestep=t)
+    assert family == "latte", family
+    return dict(hidden_states=tensor(batch, 4, frames, h, w), encoder_hidden_states=text, timestep=t)
+
+
+def count_block_operations(module: Any, spec: ModelSpec, height: int, width: int,
+                           frames: int) -> dict[str, tuple[float, float]]:
+    """Per block kind, the mean over `spec`'s blocks of (eager operators launched, elementwise slab
+    passes per row), from one forward of `module` (built on the meta device) at that size.
+
+    Every aten operator a block dispatches counts as one kernel, except views and allocations; a
+    scaled-dot-product attention call counts as one kernel whatever it decomposes into. The passes
+    are the bytes the non-matmul operators read and write, over the block's slab (batch x rows
+    through the block x hidden x dtype bytes, rows counting the text where it joins the block)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    current: list[list[float]] = []  # [kernels, bytes] of each block call, in execution order
+    inside = {"block": False, "attention": 0}
+
+    class Operators(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+            if inside["block"] and not inside["attention"] and not view and name not in NO_KERNEL_OPS:
+                current[-1][0] += 1
+                if name not in MATMUL_OPS:
+                    current[-1][1] += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                                          if isinstance(t, torch.Tensor))
+            return out
+
+    class Attention(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is not F.scaled_dot_product_attention or not inside["block"]:
+                return func(*args, **(kwargs or {}))
+            inside["attention"] += 1
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                inside["attention"] -= 1
+                current[-1][0] += 1
+
+    def enter(*_):
+        inside["block"] = True
+        current.append([0.0, 0.0])
+
+    def leave(*_):
+        inside["block"] = False
+
+    batch = 2 if spec.uses_cfg else 1
+    with torch.device("meta"):
+        inputs = forward_inputs(spec, dict(module.config), batch, height, width, frames)
+    for name, child in module.named_children():
+        if name in BLOCK_LISTS:
+            for block in child:
+                block.register_forward_pre_hook(enter)
+                block.register_forward_hook(leave)
+    with torch.no_grad(), Attention(), Operators():
+        module(**inputs)
+    kinds = spec.block_sequence
+    if len(current) != len(kinds):
+        raise ValueError(f"{spec.id}: {len(current)} block calls, but its profile lists {len(kinds)} blocks")
+    tokens = spec.image_tokens(height, width, frames)
+    text = spec.text_tokens if spec.text_joins_attention else 0
+    sums: dict[str, list[float]] = {}
+    for kind, (kernels, nbytes) in zip(kinds, current):
+        rows = batch * (tokens + (text if kind in ("joint", "single") else 0))
+        total = sums.setdefault(kind, [0.0, 0.0, 0])
+        total[0] += kernels
+        total[1] += nbytes / (rows * spec.hidden_size * spec.dtype_bytes)
+        total[2] += 1
+    return {kind: (kernels / n, passes / n) for kind, (kernels, passes, n) in sums.items()}
