@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from costmodel.specs import load_model
-from planner.module_count import count_block_operations, forward_inputs
+from costmodel.profiler.module_count import count_block_operations, forward_inputs
 
 PUBLISHED_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "published"
 
@@ -58,12 +58,12 @@ def build(model_id: str) -> Any:
 
 def inputs(model_id: str, batch: int, height: int, width: int, frames: int,
            tensor: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """The forward arguments of the model's transformer for one step (see planner.module_count)."""
+    """The forward arguments of the model's transformer for one step (see costmodel.profiler.module_count)."""
     return forward_inputs(load_model(model_id), published_config(model_id)[1], batch, height, width, frames, tensor)
 
 
 def counted(model_id: str, height: int, width: int, frames: int) -> dict[str, tuple[float, float]]:
-    """Per block kind, (kernels, passes) of the model's transformer at that size (see planner.module_count)."""
+    """Per block kind, (kernels, passes) of the model's transformer at that size (see costmodel.profiler.module_count)."""
     import torch
 
     with torch.device("meta"):

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from costmodel.errors import DitplanError
+from costmodel.profiler.module_count import add_operator_counts
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "profiles" / "models"
 # derive_spec's `source:` opening, which marks a heavier variant of another tiny recipe.
@@ -383,7 +384,7 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
     vae = pipe.vae.config
     # Wan's VAE names its temporal factor, CogVideoX's a compression ratio; image VAEs have neither.
     temporal = getattr(vae, "scale_factor_temporal", None) or getattr(vae, "temporal_compression_ratio", 1) or 1
-    return {
+    measured = {
         "transformer": figures,
         "text": {"tokens": int(tokens), "hidden": int(text_hidden), "joins_attention": family.joins_attention, "encoders": encoders},
         "vae": {
@@ -396,6 +397,12 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
         },
         "token_grid": list(job.token_grid),
     }
+    # The operators and elementwise passes per block, counted as the catalogue's are.
+    profile = {key: spec[key] for key in ("id", "family", "source", "uses_cfg", "default_steps", "default_height",
+                                           "default_width", "default_frames", "dtype_bytes")}
+    profile.update(transformer=figures, text=measured["text"], vae=measured["vae"])
+    add_operator_counts(profile, pipe.transformer)
+    return measured
 
 
 def write_model_yaml(spec: dict[str, Any], path: str | Path, seed: int = 0) -> Path:

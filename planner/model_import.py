@@ -1,7 +1,7 @@
 """`ditplan models import PATH`: a model YAML from a diffusers model folder or a transformer config.json.
 
 The transformer is built from its config on PyTorch's meta device (no weights); its parameters, and
-the operators and elementwise bytes of one forward per block (planner.module_count), are counted
+the operators and elementwise bytes of one forward per block (costmodel.profiler.module_count), are counted
 there; its structure (width, heads, block kinds and counts, patch sizes, MLP width) is read
 from the config by the family's reader below. A folder's `model_index.json` also gives the experts
 (`transformer_2`, `boundary_ratio`) and its `vae/config.json` the VAE, counted on the meta device too.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from costmodel.errors import DitplanError
+from costmodel.profiler.module_count import add_operator_counts
 
 
 def _wan(c: dict[str, Any]) -> dict[str, Any]:
@@ -142,28 +143,6 @@ def _meta_params(class_name: str, config: dict[str, Any], where: Path) -> int:
     return sum(p.numel() for p in _meta_module(class_name, config, where).parameters())
 
 
-def _add_operator_counts(data: dict[str, Any], module: Any) -> None:
-    """Give every block entry of `data` its kernels and elementwise passes, counted from one forward
-    of `module` on the meta device at the model's default size (planner.module_count); where the
-    forward cannot be counted, the family's figures stand and `source` says why."""
-    from costmodel.specs import load_model
-    from planner.module_count import count_block_operations
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.yaml"
-        write_yaml(data, path)
-        spec = load_model(str(path))
-    try:
-        counts = count_block_operations(module, spec, spec.default_height, spec.default_width, spec.default_frames)
-    except (ValueError, RuntimeError, TypeError) as error:
-        data["source"] += f"; operators per block: the family's figures (the forward could not be counted: {error})"
-        return
-    for group in data["transformer"]["blocks"]:
-        kernels, passes = counts[group["kind"]]
-        group.update(kernels=round(kernels, 1), passes=round(passes, 1))
-    data["source"] += "; operators and elementwise passes per block counted from one forward on the meta device"
-
-
 def import_model(path: str | Path, model_id: str | None = None) -> dict[str, Any]:
     """The model YAML's content (a dict in the catalogue schema) for a folder or a transformer config."""
     from costmodel.specs import load_model
@@ -216,7 +195,8 @@ def import_model(path: str | Path, model_id: str | None = None) -> dict[str, Any
         "id": name,
         "family": importer.family,
         "source": (f"ditplan models import {path}: transformer structure from {where} ({class_name}), "
-                   f"{params:.4g} parameters counted on the meta device{' per expert' if experts == 2 else ''}; "
+                   f"{params:.4g} parameters{' per expert' if experts == 2 else ''}, and the operators and elementwise "
+                   f"passes per block, counted on the meta device; "
                    f"{vae_source}; text encoders, prompt length, default size, steps and guidance of {reference.id}"),
         "uses_cfg": reference.uses_cfg,
         "default_steps": reference.default_steps,
@@ -230,7 +210,7 @@ def import_model(path: str | Path, model_id: str | None = None) -> dict[str, Any
                  "encoders": [{"name": e.name, "params": e.params} for e in reference.encoders]},
         "vae": vae,
     }
-    _add_operator_counts(data, module)
+    add_operator_counts(data, module)
     return data
 
 

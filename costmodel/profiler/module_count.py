@@ -3,15 +3,17 @@
 `forward_inputs` makes the arguments a family's pipeline passes its transformer for one step, and
 `count_block_operations` runs one forward of a module built on the meta device (no weights, no
 memory) and counts, per block kind, the eager operators each block launches and the bytes its
-elementwise operators move. `ditplan models import` writes these counts into a model profile; the
-catalogue's were made the same way (benchmarks/published_transformers.py). torch is imported only
-when a function runs.
+elementwise operators move. `add_operator_counts` writes them into a model profile: `ditplan models
+import` and the tiny models' profiles (executor.tiny) do; the catalogue's were made the same way
+(benchmarks/published_transformers.py). torch is imported only when a function runs.
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
-from costmodel.specs import ModelSpec
+from costmodel.specs import ModelSpec, load_model
 
 # The ModuleLists that hold a transformer's blocks, in every catalogue family.
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "temporal_transformer_blocks", "blocks")
@@ -36,50 +38,57 @@ def forward_inputs(spec: ModelSpec, config: dict[str, Any], batch: int, height: 
     text = tensor(batch, spec.text_tokens, spec.text_hidden)
     t = tensor(batch)
     family = spec.family
+    channels = config.get("in_channels", spec.in_channels)  # Flux and Qwen-Image: 2x2-packed channels
+    head_dim = config.get("attention_head_dim", spec.head_dim)
     if family == "pixart":
-        return dict(hidden_states=tensor(batch, 4, h, w), encoder_hidden_states=text, timestep=t,
+        return dict(hidden_states=tensor(batch, channels, h, w), encoder_hidden_states=text, timestep=t,
                     added_cond_kwargs={"resolution": tensor(batch, 2), "aspect_ratio": tensor(batch, 1)})
     if family == "sd3":
-        return dict(hidden_states=tensor(batch, 16, h, w), encoder_hidden_states=text, timestep=t,
-                    pooled_projections=tensor(batch, 2048))
+        return dict(hidden_states=tensor(batch, channels, h, w), encoder_hidden_states=text, timestep=t,
+                    pooled_projections=tensor(batch, config["pooled_projection_dim"]))
     if family == "flux":
         tokens = (h // 2) * (w // 2)
-        return dict(hidden_states=tensor(batch, tokens, 64), encoder_hidden_states=text, timestep=t,
-                    pooled_projections=tensor(batch, 768), img_ids=torch.zeros(tokens, 3, device=device),
+        return dict(hidden_states=tensor(batch, tokens, channels), encoder_hidden_states=text, timestep=t,
+                    pooled_projections=tensor(batch, config["pooled_projection_dim"]), img_ids=torch.zeros(tokens, 3, device=device),
                     txt_ids=torch.zeros(spec.text_tokens, 3, device=device),
                     guidance=tensor(batch) if config.get("guidance_embeds") else None)
     if family == "hunyuan":
         tokens = (h // 2) * (w // 2)
-        return dict(hidden_states=tensor(batch, 4, h, w), timestep=t,
-                    encoder_hidden_states=tensor(batch, 77, 1024), text_embedding_mask=torch.ones(batch, 77, device=device),
-                    encoder_hidden_states_t5=tensor(batch, 256, 2048),
-                    text_embedding_mask_t5=torch.ones(batch, 256, device=device),
-                    image_rotary_emb=(tensor(tokens, 88), tensor(tokens, 88)))
+        clip, t5 = config["text_len"], config["text_len_t5"]
+        return dict(hidden_states=tensor(batch, channels, h, w), timestep=t,
+                    encoder_hidden_states=tensor(batch, clip, config["cross_attention_dim"]),
+                    text_embedding_mask=torch.ones(batch, clip, device=device),
+                    encoder_hidden_states_t5=tensor(batch, t5, config["cross_attention_dim_t5"]),
+                    text_embedding_mask_t5=torch.ones(batch, t5, device=device),
+                    image_rotary_emb=(tensor(tokens, head_dim), tensor(tokens, head_dim)),
+                    # HunyuanDiT v1.1's size-and-style conditioning (v1.2 dropped it)
+                    **(dict(image_meta_size=tensor(batch, 6), style=torch.zeros(batch, dtype=torch.long, device=device))
+                       if config.get("use_style_cond_and_image_meta_size") else {}))
     if family == "cogvideox":
         token_frames = spec.token_grid(height, width, frames)[0]
         latent_frames = token_frames * spec.temporal_patch_size  # padded up to whole temporal patches
         tokens = token_frames * (h // 2) * (w // 2)
-        rotary = (tensor(tokens, 64), tensor(tokens, 64)) if config.get("use_rotary_positional_embeddings") else None
-        inputs = dict(hidden_states=tensor(batch, latent_frames, spec.in_channels, h, w),
+        rotary = (tensor(tokens, head_dim), tensor(tokens, head_dim)) if config.get("use_rotary_positional_embeddings") else None
+        inputs = dict(hidden_states=tensor(batch, latent_frames, channels, h, w),
                       encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary)
         if spec.face_attention is not None:  # ConsisID: the face embedding and the face ViT's 5 hidden states
             inputs.update(id_cond=tensor(batch, 1280), id_vit_hidden=[tensor(batch, 577, 1024)] * 5)
         return inputs
     if family == "wan":
-        return dict(hidden_states=tensor(batch, 16, spec.latent_frames(frames), h, w), timestep=t,
+        return dict(hidden_states=tensor(batch, channels, spec.latent_frames(frames), h, w), timestep=t,
                     encoder_hidden_states=text)
     if family == "hunyuan-video":
-        return dict(hidden_states=tensor(batch, 16, spec.latent_frames(frames), h, w), timestep=t,
+        return dict(hidden_states=tensor(batch, channels, spec.latent_frames(frames), h, w), timestep=t,
                     encoder_hidden_states=text, encoder_attention_mask=torch.ones(batch, spec.text_tokens, device=device),
-                    pooled_projections=tensor(batch, 768), guidance=tensor(batch))
+                    pooled_projections=tensor(batch, config["pooled_projection_dim"]), guidance=tensor(batch))
     if family == "qwen-image":
-        return dict(hidden_states=tensor(batch, (h // 2) * (w // 2), 64), encoder_hidden_states=text, timestep=t,
+        return dict(hidden_states=tensor(batch, (h // 2) * (w // 2), channels), encoder_hidden_states=text, timestep=t,
                     encoder_hidden_states_mask=torch.ones(batch, spec.text_tokens, dtype=torch.bool, device=device),
                     img_shapes=[(1, h // 2, w // 2)] * batch)
     if family == "sana":
-        return dict(hidden_states=tensor(batch, 32, h, w), encoder_hidden_states=text, timestep=t)
+        return dict(hidden_states=tensor(batch, channels, h, w), encoder_hidden_states=text, timestep=t)
     assert family == "latte", family
-    return dict(hidden_states=tensor(batch, 4, frames, h, w), encoder_hidden_states=text, timestep=t)
+    return dict(hidden_states=tensor(batch, channels, frames, h, w), encoder_hidden_states=text, timestep=t)
 
 
 def count_block_operations(module: Any, spec: ModelSpec, height: int, width: int,
@@ -153,3 +162,29 @@ def count_block_operations(module: Any, spec: ModelSpec, height: int, width: int
         total[1] += nbytes / (rows * spec.hidden_size * spec.dtype_bytes)
         total[2] += 1
     return {kind: (kernels / n, passes / n) for kind, (kernels, passes, n) in sums.items()}
+
+
+def add_operator_counts(profile: dict[str, Any], module: Any) -> None:
+    """Give every block entry of the model profile `profile` (a dict in the catalogue's schema) its
+    kernels and passes, counted from one forward of `module` at the profile's default size. A module
+    off the meta device is counted through a meta-device twin built from its config. Where the
+    forward cannot be counted, the family's figures stand and `source` says why."""
+    import torch
+    import yaml
+
+    if next(module.parameters()).device.type != "meta":
+        with torch.device("meta"):
+            module = type(module).from_config(module.config).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.yaml"
+        path.write_text(yaml.safe_dump(profile, sort_keys=False))
+        spec = load_model(str(path))
+    try:
+        counts = count_block_operations(module, spec, spec.default_height, spec.default_width, spec.default_frames)
+    except (ValueError, RuntimeError, TypeError) as error:
+        profile["source"] += f"; operators per block: the family's figures (the forward could not be counted: {error})"
+        return
+    for group in profile["transformer"]["blocks"]:
+        kernels, passes = counts[group["kind"]]
+        group.update(kernels=round(kernels, 1), passes=round(passes, 1))
+
