@@ -15,12 +15,12 @@ from functools import lru_cache
 from costmodel.specs import ModelSpec
 
 # Per (family, block kind): operators launched per block and elementwise slab passes (reads + writes
-# of batch x tokens x hidden x dtype, per row through the block). A catalogue model's profile carries
-# its own figures, counted from one forward of its real module on the meta device
-# (benchmarks/published_transformers.py: every aten operator but views and allocations is a kernel;
-# an attention call is one kernel; the passes are the bytes the non-matmul operators read and write).
-# These are the same counts for one model of each family, standing in for models whose profile has
-# none (imported models, the tiny test models). Where the bytes go, counted: residual adds and gated
+# of batch x tokens x hidden x dtype, per row through the block). Every shipped profile carries its
+# model's own figures, counted from one forward of its module on the meta device
+# (costmodel.profiler.module_count: every aten operator but views and allocations is a kernel; an
+# attention call is one kernel; the passes are the bytes the non-matmul operators read and write);
+# `ditplan models import` counts them too. These are the same counts for one model of each family,
+# standing in for a profile written without them. Where the bytes go, counted: residual adds and gated
 # residuals, adaLN modulation, LayerNorm/RMSNorm (RMSNorm in fp32), GELU over the MLP's 4x wider
 # activation, the fp32 rotary embedding on q and k, and the layout copies around attention.
 KERNELS_AND_PASSES: dict[tuple[str, str], tuple[float, float]] = {
@@ -52,7 +52,7 @@ DEFAULT_KERNELS_AND_PASSES: dict[str, tuple[float, float]] = {
 
 def kernels_and_passes(model: ModelSpec, kind: str) -> tuple[float, float]:
     """(eager operators per block, elementwise slab passes per row) of the model's `kind` blocks:
-    counted from its real module where its profile gives them, else its family's estimate."""
+    counted from its module where its profile gives them, else its family's."""
     for group in model.blocks:
         if group.kind == kind and group.kernels is not None and group.passes is not None:
             return group.kernels, group.passes

@@ -40,9 +40,9 @@ MAX_BLOCK_PASSES = 2000.0
 class BlockGroup:
     kind: str
     count: int
-    # Counted from the real module (benchmarks/published_transformers.py): eager operators one block
-    # launches, and the bytes its elementwise operators read and write in slab passes per row. None:
-    # the family's figures (costmodel.flops.KERNELS_AND_PASSES) stand in.
+    # Counted from the module (costmodel.profiler.module_count): eager operators one block launches,
+    # and the bytes its elementwise operators read and write in slab passes per row. None: the
+    # family's figures (costmodel.flops.KERNELS_AND_PASSES) stand in.
     kernels: float | None = None
     passes: float | None = None
 

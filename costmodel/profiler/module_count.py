@@ -142,13 +142,14 @@ def count_block_operations(module: Any, spec: ModelSpec, height: int, width: int
     batch = 2 if spec.uses_cfg else 1
     with torch.device("meta"):
         inputs = forward_inputs(spec, dict(module.config), batch, height, width, frames)
-    for name, child in module.named_children():
-        if name in BLOCK_LISTS:
-            for block in child:
-                block.register_forward_pre_hook(enter)
-                block.register_forward_hook(leave)
-    with torch.no_grad(), Attention(), Operators():
-        module(**inputs)
+    hooks = [hook for name, child in module.named_children() if name in BLOCK_LISTS for block in child
+             for hook in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))]
+    try:
+        with torch.no_grad(), Attention(), Operators():
+            module(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
     kinds = spec.block_sequence
     if len(current) != len(kinds):
         raise ValueError(f"{spec.id}: {len(current)} block calls, but its profile lists {len(kinds)} blocks")
