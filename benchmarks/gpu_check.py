@@ -185,7 +185,11 @@ def write_operation_profile(path: Path, cluster_id: str) -> Path:
 SMOKE_TRANSFORMER = ("pixart-alpha", 256, 256, 1)
 
 
-def time_transformer(model_id: str, height: int, width: int, frames: int, device: str, dtype,
+def _size(height: int, width: int, frames: int) -> str:
+    return f"{width}x{height}" + (f"x{frames}" if frames > 1 else "")
+
+
+def time_transformer(model_id: str, batch: int, height: int, width: int, frames: int, device: str, dtype,
                      kernels: int = 0) -> tuple[float, list[str]]:
     """Wall time of one forward of the model's whole transformer (one denoising step, the whole
     batch), synchronised: the median of enough calls to fill about a second, after two warm-ups;
@@ -205,7 +209,6 @@ def time_transformer(model_id: str, height: int, width: int, frames: int, device
             module = build(model_id).eval()
     finally:
         torch.set_default_dtype(default_dtype)
-    batch = 2 if load_model(model_id).uses_cfg else 1
     arguments = inputs(model_id, batch, height, width, frames,
                        tensor=lambda *shape: torch.randn(*shape, device=device, dtype=dtype))
 
@@ -262,10 +265,10 @@ def transformer_lines(models: list[str], device: str, dtype, cluster_id: str, me
     records = []
     for model_id in models:
         height, width, frames = (SMOKE_TRANSFORMER[1:] if device == "cpu" else two_sizes(model_id)[size_index])
-        size = f"{width}x{height}" + (f"x{frames}" if frames > 1 else "")
+        size = _size(height, width, frames)
         batch = 2 if load_model(model_id).uses_cfg else 1
         try:
-            measured, kernel_lines = time_transformer(model_id, height, width, frames, device, dtype, kernels)
+            measured, kernel_lines = time_transformer(model_id, batch, height, width, frames, device, dtype, kernels)
         except Exception as error:  # one model failing (memory, a diffusers change) must not lose the rest
             emit(f"{model_id:18s} {size:>14s} {batch:5d}  failed: {type(error).__name__}: {str(error)[:160]}")
             continue
@@ -295,17 +298,17 @@ def reprice(report: Path, cluster_id: str, measured_ops: Path | None) -> list[st
              f"{'then':>8s} {'op tables':>10s} {'error':>8s} {'then':>8s}"]
     errors: dict[str, list[float]] = {"builtin": [], "builtin_then": [], "ops": [], "ops_then": []}
     for r in records:
-        size = f"{r['width']}x{r['height']}" + (f"x{r['frames']}" if r["frames"] > 1 else "")
+        sizes = r["height"], r["width"], r["frames"]
         measured = r["measured_s"]
-        builtin = predicted_step_seconds(r["model"], r["height"], r["width"], r["frames"], cluster_id) / measured - 1
-        ops = (predicted_step_seconds(r["model"], r["height"], r["width"], r["frames"], str(measured_ops)) / measured - 1
-               if measured_ops else float("nan"))
-        then_builtin, then_ops = r["builtin_s"] / measured - 1, r["op_tables_s"] / measured - 1
-        for key, value in (("builtin", builtin), ("builtin_then", then_builtin), ("ops", ops), ("ops_then", then_ops)):
+        builtin = predicted_step_seconds(r["model"], *sizes, cluster_id)
+        ops = predicted_step_seconds(r["model"], *sizes, str(measured_ops)) if measured_ops else float("nan")
+        error = {key: seconds / measured - 1 for key, seconds in (
+            ("builtin", builtin), ("builtin_then", r["builtin_s"]), ("ops", ops), ("ops_then", r["op_tables_s"]))}
+        for key, value in error.items():
             errors[key].append(abs(value))
-        lines.append(f"{r['model']:18s} {size:>14s} {measured * 1e3:8.1f}ms {(1 + builtin) * measured * 1e3:8.1f}ms "
-                     f"{builtin * 100:+7.1f}% {then_builtin * 100:+7.1f}% {(1 + ops) * measured * 1e3:8.1f}ms "
-                     f"{ops * 100:+7.1f}% {then_ops * 100:+7.1f}%")
+        lines.append(f"{r['model']:18s} {_size(*sizes):>14s} {measured * 1e3:8.1f}ms {builtin * 1e3:8.1f}ms "
+                     f"{error['builtin'] * 100:+7.1f}% {error['builtin_then'] * 100:+7.1f}% {ops * 1e3:8.1f}ms "
+                     f"{error['ops'] * 100:+7.1f}% {error['ops_then'] * 100:+7.1f}%")
     lines.append("median |error|: " + ", ".join(f"{key} {statistics.median(values) * 100:.1f}%" for key, values in errors.items()))
     return lines
 
@@ -341,16 +344,17 @@ def vae_lines(device: str, dtype, cluster_id: str, emit) -> list[dict]:
         if device == "cpu":
             height, width, frames = SMOKE_VAE_SIZES[frames]
         spec = load_model(model_id)
-        size = f"{width}x{height}" + (f"x{frames}" if frames > 1 else "")
+        size = _size(height, width, frames)
+        rows, cols = height // spec.vae_spatial_factor, width // spec.vae_spatial_factor
         try:
             with torch.device(device):
                 vae = getattr(diffusers, class_name)(**config).to(dtype).eval()
             if frames > 1:
                 vae.enable_tiling()
-                latent = torch.randn(1, spec.vae_latent_channels, spec.latent_frames(frames), height // 8, width // 8,
+                latent = torch.randn(1, spec.vae_latent_channels, spec.latent_frames(frames), rows, cols,
                                      device=device, dtype=dtype)
             else:
-                latent = torch.randn(1, spec.vae_latent_channels, height // 8, width // 8, device=device, dtype=dtype)
+                latent = torch.randn(1, spec.vae_latent_channels, rows, cols, device=device, dtype=dtype)
 
             def decode(latent) -> float:
                 start = time.perf_counter()

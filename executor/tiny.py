@@ -398,22 +398,22 @@ def measured_figures(spec: dict[str, Any], pipe: Any) -> dict[str, Any]:
         "token_grid": list(job.token_grid),
     }
     # The operators and elementwise passes per block, counted as the catalogue's are.
-    profile = {key: spec[key] for key in ("id", "family", "source", "uses_cfg", "default_steps", "default_height",
-                                           "default_width", "default_frames", "dtype_bytes")}
-    profile.update(transformer=figures, text=measured["text"], vae=measured["vae"])
-    add_operator_counts(profile, pipe.transformer)
+    add_operator_counts(_profile(spec, measured), pipe.transformer)
     return measured
+
+
+def _profile(spec: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """The model profile of `spec` with its measured figures (the transformer's dict is shared)."""
+    profile = {key: spec[key] for key in ("id", "family", "source", "uses_cfg", "default_steps", "default_height",
+                                          "default_width", "default_frames", "dtype_bytes")}
+    profile.update(transformer=measured["transformer"], text=measured["text"], vae=measured["vae"])
+    return profile
 
 
 def write_model_yaml(spec: dict[str, Any], path: str | Path, seed: int = 0) -> Path:
     """Build `spec`, measure its figures and write the model YAML (figures + `build:` recipe)."""
     pipe = build_tiny_pipeline(spec, seed=seed)
-    measured = measured_figures(spec, pipe)
-    out: dict[str, Any] = {key: spec[key] for key in (
-        "id", "family", "source", "uses_cfg", "default_steps", "default_height", "default_width", "default_frames", "dtype_bytes")}
-    out["transformer"] = measured["transformer"]
-    out["text"] = measured["text"]
-    out["vae"] = measured["vae"]
+    out = _profile(spec, measured_figures(spec, pipe))
     out["build"] = spec["build"]
     path = Path(path)
     path.write_text(yaml.safe_dump(out, sort_keys=False, width=120))
