@@ -24,19 +24,19 @@ from costmodel.specs import ModelSpec
 # residuals, adaLN modulation, LayerNorm/RMSNorm (RMSNorm in fp32), GELU over the MLP's 4x wider
 # activation, the fp32 rotary embedding on q and k, and the layout copies around attention.
 KERNELS_AND_PASSES: dict[tuple[str, str], tuple[float, float]] = {
-    ("pixart", "cross"): (31, 82.0),  # PixArt-alpha: ada_norm_single BasicTransformerBlock
-    ("latte", "cross"): (31, 82.1),  # the same block as PixArt's (spatial)
-    ("latte", "temporal"): (23, 70.8),  # self-attention over frames + MLP
-    ("hunyuan", "cross"): (46.4, 147.9),  # HunyuanDiT: LayerNorm q/k, 2-D rotary, long skips in half the blocks
-    ("sd3", "joint"): (50.4, 83.8),  # SD3-medium (SD3.5-large's q/k RMSNorm adds 24 kernels)
-    ("flux", "joint"): (81, 144.5),  # Flux: fp32 RMSNorm on q/k of both streams, rotary embeddings
-    ("flux", "single"): (40, 134.5),  # fused qkv + MLP-in, concat [attention, MLP], fused out
-    ("cogvideox", "single"): (53, 131.6),  # CogVideoX-5b (2b, without rotary: 41 kernels, 80 passes)
-    ("wan", "cross"): (70, 155.4),  # Wan 14B: fp32 LayerNorm + modulate, RMSNorm q/k, 3-D rotary
-    ("hunyuan-video", "joint"): (81, 142.8),  # Flux's double block
-    ("hunyuan-video", "single"): (44, 148.8),  # Flux's single block
-    ("qwen-image", "joint"): (79, 116.3),  # Flux-like double block, rotary on both streams' q/k
-    ("sana", "cross"): (42.1, 135.7),  # linear attention's fp32 casts, GLUMBConv MLP with SiLU gating
+    ("pixart", "cross"): (31, 41.0),  # PixArt-alpha: ada_norm_single BasicTransformerBlock
+    ("latte", "cross"): (31, 41.0),  # the same block as PixArt's (spatial)
+    ("latte", "temporal"): (23, 35.4),  # self-attention over frames + MLP
+    ("hunyuan", "cross"): (71.3, 153.6),  # HunyuanDiT: LayerNorm q/k, 2-D rotary, long skips in half the blocks
+    ("sd3", "joint"): (50.4, 41.9),  # SD3-medium (SD3.5-large's fp32 q/k RMSNorm adds 32 kernels)
+    ("flux", "joint"): (95, 130.5),  # Flux: fp32 RMSNorm on q/k of both streams, rotary embeddings
+    ("flux", "single"): (50, 125.5),  # fused qkv + MLP-in, concat [attention, MLP], fused out
+    ("cogvideox", "single"): (59, 97.4),  # CogVideoX-5b (2b, without rotary: 41 kernels, 40 passes)
+    ("wan", "cross"): (90, 185.2),  # Wan 14B: fp32 LayerNorm + modulate, RMSNorm q/k, 3-D rotary
+    ("hunyuan-video", "joint"): (95, 122.3),  # Flux's double block
+    ("hunyuan-video", "single"): (54, 125.3),  # Flux's single block
+    ("qwen-image", "joint"): (95, 94.3),  # Flux-like double block, rotary on both streams' q/k
+    ("sana", "cross"): (46.1, 88.0),  # linear attention's fp32 casts, GLUMBConv MLP with SiLU gating
 }
 # Families whose single-stream blocks fuse q/k/v with the MLP input and the attention output with the
 # MLP output (one GEMM each); CogVideoX keeps them separate.
@@ -46,7 +46,7 @@ FUSED_SINGLE_FAMILIES = ("flux", "hunyuan-video")
 GLU_CONV_FAMILIES = ("sana",)
 DEPTHWISE_TAPS = 9
 DEFAULT_KERNELS_AND_PASSES: dict[str, tuple[float, float]] = {
-    "cross": (31, 82.0), "joint": (50.4, 83.8), "single": (40, 134.5), "temporal": (23, 70.8),
+    "cross": (31, 41.0), "joint": (50.4, 41.9), "single": (50, 125.5), "temporal": (23, 35.4),
 }
 
 

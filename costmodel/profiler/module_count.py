@@ -9,9 +9,10 @@ import` and the tiny models' profiles (executor.tiny) do; the catalogue's were m
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from costmodel.specs import ModelSpec, load_model
 
@@ -19,6 +20,9 @@ from costmodel.specs import ModelSpec, load_model
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "temporal_transformer_blocks", "blocks")
 # Matrix products (priced as GEMMs) and operators that launch no kernel (allocation, scalars).
 MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution"})
+# The activation dtype a forward is counted in, by the profile's `dtype_bytes` (an 8-bit profile's
+# activations are bf16; its passes are then counted against a slab of one byte per element).
+COMPUTE_DTYPE_NAMES = {4: "float32", 2: "bfloat16", 1: "bfloat16"}
 NO_KERNEL_OPS = frozenset({"detach", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
                            "lift_fresh", "_local_scalar_dense", "alias", "_unsafe_view"})
 
@@ -91,46 +95,71 @@ def forward_inputs(spec: ModelSpec, config: dict[str, Any], batch: int, height: 
     return dict(hidden_states=tensor(batch, channels, frames, h, w), encoder_hidden_states=text, timestep=t)
 
 
-def count_block_operations(module: Any, spec: ModelSpec, height: int, width: int,
-                           frames: int) -> dict[str, tuple[float, float]]:
-    """Per block kind, the mean over `spec`'s blocks of (eager operators launched, elementwise slab
-    passes per row), from one forward of `module` (built on the meta device) at that size.
+@contextlib.contextmanager
+def operator_modes(report: Callable[[str, float, float], None]) -> Iterator[None]:
+    """Inside, `report(name, bytes, seconds)` is called for every kernel an eager forward launches:
+    every aten operator except views and allocations, with a scaled-dot-product attention call
+    reported once as "attention" whatever it decomposes into. `bytes` is what a non-matmul operator reads and writes (0 for matrix products and
+    attention); `seconds` the thread time the kernel took (its operators', for attention)."""
+    import time
 
-    Every aten operator a block dispatches counts as one kernel, except views and allocations; a
-    scaled-dot-product attention call counts as one kernel whatever it decomposes into. The passes
-    are the bytes the non-matmul operators read and write, over the block's slab (batch x rows
-    through the block x hidden x dtype bytes, rows counting the text where it joins the block)."""
     import torch
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    current: list[list[float]] = []  # [kernels, bytes] of each block call, in execution order
-    inside = {"block": False, "attention": 0}
+    attention = {"depth": 0}
 
     class Operators(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.thread_time()
             out = func(*args, **(kwargs or {}))
+            seconds = time.thread_time() - start
             name = func.__name__.split(".")[0]
             view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-            if inside["block"] and not inside["attention"] and not view and name not in NO_KERNEL_OPS:
-                current[-1][0] += 1
-                if name not in MATMUL_OPS:
-                    current[-1][1] += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
-                                          if isinstance(t, torch.Tensor))
+            if not attention["depth"] and not view and name not in NO_KERNEL_OPS:
+                nbytes = 0.0 if name in MATMUL_OPS else float(sum(
+                    t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)))
+                report(name, nbytes, seconds)
             return out
 
     class Attention(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is not F.scaled_dot_product_attention or not inside["block"]:
+            if func is not F.scaled_dot_product_attention:
                 return func(*args, **(kwargs or {}))
-            inside["attention"] += 1
+            attention["depth"] += 1
+            start = time.thread_time()
             try:
                 return func(*args, **(kwargs or {}))
             finally:
-                inside["attention"] -= 1
-                current[-1][0] += 1
+                attention["depth"] -= 1
+                report("attention", 0.0, time.thread_time() - start)
+
+    with Attention(), Operators():
+        yield
+
+
+def count_block_operations(module: Any, spec: ModelSpec, height: int, width: int,
+                           frames: int) -> dict[str, tuple[float, float]]:
+    """Per block kind, the mean over `spec`'s blocks of (eager operators launched, elementwise slab
+    passes per row), from one forward of `module` (built on the meta device, and cast in place to
+    the profile's precision as `from_pretrained` would load it) at that size.
+
+    Every aten operator a block dispatches counts as one kernel, except views and allocations; a
+    scaled-dot-product attention call counts as one kernel whatever it decomposes into. The passes
+    are the bytes the non-matmul operators read and write, over the block's slab (batch x rows
+    through the block x hidden x dtype bytes, rows counting the text where it joins the block)."""
+    import torch
+
+    dtype = getattr(torch, COMPUTE_DTYPE_NAMES[spec.dtype_bytes])
+    current: list[list[float]] = []  # [kernels, bytes] of each block call, in execution order
+    inside = {"block": False}
+
+    def tally(name: str, nbytes: float, seconds: float) -> None:  # noqa: ARG001 - counting only
+        if inside["block"]:
+            current[-1][0] += 1
+            current[-1][1] += nbytes
 
     def enter(*_):
         inside["block"] = True
@@ -140,12 +169,16 @@ def count_block_operations(module: Any, spec: ModelSpec, height: int, width: int
         inside["block"] = False
 
     batch = 2 if spec.uses_cfg else 1
+    # Count at the precision the profile prices (a module built on the meta device is fp32 whatever its
+    # checkpoint holds): bytes are then those the run moves, fp32 upcasts inside the blocks included.
+    _cast_as_loaded(module, dtype)
     with torch.device("meta"):
-        inputs = forward_inputs(spec, dict(module.config), batch, height, width, frames)
+        inputs = forward_inputs(spec, dict(module.config), batch, height, width, frames,
+                                tensor=lambda *shape: torch.empty(*shape, dtype=dtype))
     hooks = [hook for name, child in module.named_children() if name in BLOCK_LISTS for block in child
              for hook in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))]
     try:
-        with torch.no_grad(), Attention(), Operators():
+        with torch.no_grad(), operator_modes(tally):
             module(**inputs)
     finally:
         for hook in hooks:
@@ -163,6 +196,19 @@ def count_block_operations(module: Any, spec: ModelSpec, height: int, width: int
         total[1] += nbytes / (rows * spec.hidden_size * spec.dtype_bytes)
         total[2] += 1
     return {kind: (kernels / n, passes / n) for kind, (kernels, passes, n) in sums.items()}
+
+
+def _cast_as_loaded(module: Any, dtype: Any) -> None:
+    """Cast `module` in place the way `from_pretrained(torch_dtype=dtype)` loads it: to `dtype`, except
+    the parameters and buffers its class keeps in fp32 (diffusers' `_keep_in_fp32_modules`, matched on
+    the parts of their names: Wan's norms, rotary embedding and modulation table)."""
+    import torch
+
+    torch.nn.Module.to(module, dtype)  # ModelMixin.to would warn about the fp32 tensors kept below
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        if any(part in keep for part in name.split(".")):
+            tensor.data = tensor.data.float()
 
 
 def add_operator_counts(profile: dict[str, Any], module: Any) -> None:
