@@ -25,9 +25,15 @@ ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
 ATTENTION_SHAPES = tuple((q, k, d) for d in ATTENTION_HEAD_DIMS for q in (64, 256, 1024) for k in (256, 1024, 4096) if q <= k)
 # tanh-GELU over an MLP activation of rows x 4h elements.
 ACTIVATION_ELEMENTS = tuple(4**e for e in range(8, 13))
-# One elementwise pass (a read or a write) of 16 KiB .. 64 MiB tensors: cache-resident to DRAM (and
-# beyond 32 MiB, where glibc maps fresh pages for every temporary and page faults dominate).
-ELEMENTWISE_BYTES = tuple(2**e for e in range(14, 27, 2))
+# On the CPU the elementwise rate is taken from a real block's own operators, not from a streaming
+# `x * 1.5`: norms reduce then rescale, modulation broadcasts, layout copies stride, and such operators
+# move their bytes up to twice as slowly as one contiguous pass. A PixArt block (ada_norm_single,
+# hidden 256 = 4 heads x 64) over `rows` = batch x tokens (up to 256 tokens a sample, so attention
+# stays small): slabs of 16 KiB to 16 MiB, cache-resident to DRAM.
+BLOCK_ROWS = (16, 64, 256, 1024, 4096, 16384)
+BLOCK_HIDDEN = 256
+BLOCK_TOKENS = 256
+BLOCK_TEXT_TOKENS = 16
 REPEATS = 3
 # On a GPU: batches of calls lasting about 2 ms each (at most 1000 calls), median of 7 batches.
 GPU_BATCH_S = 2e-3
@@ -140,16 +146,62 @@ def attention_samples(shapes: tuple | None = None, tick: Callable[[], None] = la
 
 def elementwise_samples(sizes: tuple | None = None, tick: Callable[[], None] = lambda: None, device: str = "cpu",
                         dtype: str = "float32") -> list[Sample]:
-    """`x * 1.5` reads one tensor and writes a fresh one: two passes of `size` bytes."""
+    """Seconds of one pass (a read or a write) by its bytes: on the CPU from a block's operators
+    (`block_elementwise_samples`, `sizes` in rows); on a GPU, `x * 1.5`, which reads one tensor and
+    writes a fresh one: two passes of `size` bytes."""
     import torch
 
-    sizes = _default(device, ELEMENTWISE_BYTES, GPU_ELEMENTWISE_BYTES) if sizes is None else sizes
+    if not device.startswith("cuda"):
+        return block_elementwise_samples(sizes, tick)
+    sizes = GPU_ELEMENTWISE_BYTES if sizes is None else sizes
     samples = []
     kind = getattr(torch, dtype)
     width = torch.empty((), dtype=kind).element_size()
     for size in sizes:
         x = torch.randn(size // width, device=device, dtype=kind)
         samples.append(Sample(float(size), median_seconds(lambda: x * 1.5, device=device) / 2.0, (size,)))
+        tick()
+    return samples
+
+
+def block_elementwise_samples(rows: tuple | None = None, tick: Callable[[], None] = lambda: None) -> list[Sample]:
+    """Seconds of one slab pass by the slab's bytes, from a diffusers PixArt block on this thread.
+
+    In each forward, every operator that is neither a matrix product, nor attention, nor the MLP's
+    activation (whose arithmetic the activation table prices) is timed by its thread time, and the
+    bytes it reads and writes are counted as `module_count` counts a profile's passes; their time over
+    their bytes in slabs (rows x hidden x 4 bytes) is the seconds of one pass at that slab size."""
+    import torch
+
+    from costmodel.profiler.module_count import operator_modes
+
+    untimed = {"attention", "gelu"}
+    totals = {"seconds": 0.0, "bytes": 0.0}
+
+    def tally(name: str, nbytes: float, seconds: float) -> None:
+        if nbytes and name not in untimed:
+            totals["seconds"] += seconds
+            totals["bytes"] += nbytes
+
+    hidden = BLOCK_HIDDEN
+    block = pixart_block(hidden, head_dim=64)
+    samples = []
+    for count in BLOCK_ROWS if rows is None else rows:
+        tokens = min(count, BLOCK_TOKENS)
+        batch = max(1, count // tokens)
+        x = torch.randn(batch, tokens, hidden)
+        text = torch.randn(batch, BLOCK_TEXT_TOKENS, hidden)
+        timestep = torch.randn(batch, 6 * hidden)
+        slab = batch * tokens * hidden * x.element_size()
+        per_pass = []
+        with torch.no_grad():
+            block(x, encoder_hidden_states=text, timestep=timestep)  # warm-up: allocator growth
+            for _ in range(REPEATS):
+                totals.update(seconds=0.0, bytes=0.0)
+                with operator_modes(tally):
+                    block(x, encoder_hidden_states=text, timestep=timestep)
+                per_pass.append(totals["seconds"] / (totals["bytes"] / slab))
+        samples.append(Sample(float(slab), statistics.median(per_pass), (batch, tokens, hidden)))
         tick()
     return samples
 
@@ -170,19 +222,26 @@ def activation_samples(sizes: tuple | None = None, tick: Callable[[], None] = la
     return samples
 
 
-def host_op_seconds(kernels_per_block: int) -> float:
-    """Host seconds per eager operator: a diffusers PixArt block (BasicTransformerBlock with
-    ada_norm_single, the executor's own code path) at a negligible size, divided by the operator
-    count the cost model assigns to that block, so Python module calls, hooks and ATen dispatch
-    are all in the figure."""
+def pixart_block(hidden: int, head_dim: int) -> object:
+    """A diffusers PixArt block (BasicTransformerBlock with ada_norm_single, the executor's own code
+    path) of that width, with seeded random weights, in eval mode."""
     import torch
     from diffusers.models.attention import BasicTransformerBlock
 
     torch.manual_seed(0)
-    block = BasicTransformerBlock(
-        dim=16, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+    return BasicTransformerBlock(
+        dim=hidden, num_attention_heads=hidden // head_dim, attention_head_dim=head_dim, cross_attention_dim=hidden,
         norm_type="ada_norm_single", norm_elementwise_affine=False, num_embeds_ada_norm=1000,
     ).eval()
+
+
+def host_op_seconds(kernels_per_block: int) -> float:
+    """Host seconds per eager operator: a PixArt block at a negligible size, divided by the operator
+    count the cost model assigns to that block, so Python module calls, hooks and ATen dispatch
+    are all in the figure."""
+    import torch
+
+    block = pixart_block(16, head_dim=8)
     hidden = torch.randn(1, 4, 16)
     text = torch.randn(1, 4, 16)
     timestep = torch.randn(1, 6 * 16)

@@ -125,7 +125,7 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
     dtype = compute_bench.half_dtype(torch.cuda.get_device_capability(0)[0]) if cuda else "float32"
     shapes = ((compute_bench.GPU_GEMM_SHAPES, compute_bench.GPU_ATTENTION_SHAPES, compute_bench.GPU_ELEMENTWISE_BYTES,
                compute_bench.GPU_ACTIVATION_ELEMENTS) if cuda else
-              (compute_bench.GEMM_SHAPES, compute_bench.ATTENTION_SHAPES, compute_bench.ELEMENTWISE_BYTES,
+              (compute_bench.GEMM_SHAPES, compute_bench.ATTENTION_SHAPES, compute_bench.BLOCK_ROWS,
                compute_bench.ACTIVATION_ELEMENTS))
     total = (sum(len(series) for series in shapes) + 1
              + sum(comm_bench.ROUNDS * len(comm_bench.PATTERNS) * len(comm_bench.SIZES) for _ in counts))

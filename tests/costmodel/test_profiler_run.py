@@ -23,7 +23,7 @@ def test_profile_machine_writes_a_profile_the_cost_model_uses(tmp_path, monkeypa
     # A coarse sweep: the same code paths as the full profile in a fraction of its time.
     monkeypatch.setattr(compute_bench, "GEMM_SHAPES", ((64, 64, 256), (256, 256, 1024)))
     monkeypatch.setattr(compute_bench, "ATTENTION_SHAPES", ((64, 256, 32), (256, 256, 32), (64, 256, 64)))
-    monkeypatch.setattr(compute_bench, "ELEMENTWISE_BYTES", (2**14, 2**20))
+    monkeypatch.setattr(compute_bench, "BLOCK_ROWS", (16, 256))
     monkeypatch.setattr(compute_bench, "ACTIVATION_ELEMENTS", (2**10, 2**16))
     monkeypatch.setattr(comm_bench, "SIZES", (4096, 65536, 2**20))
     out = tmp_path / "machine.yaml"
