@@ -9,13 +9,17 @@ Kendall's tau between the predicted and the measured order, the same figures for
 PipeFusion plans, and the error per component (compute, communication, waiting) where run.json
 carries each rank's measured totals.
 
-    .venv/bin/python benchmarks/fidelity.py [--profile PATH] [--csv fidelity.csv] [--out DIR]
+    .venv/bin/python benchmarks/fidelity.py [--profile PATH] [--rounds 3] [--csv fidelity.csv] [--out DIR]
+
+This machine's speed drifts by 10-20 % over minutes (a shared virtual machine), so every
+configuration runs once per round, each round after a fresh profile, and each row is the median
+over the rounds (`--rounds`, default 3; about 7 minutes a round on 2 cores).
 
 Nothing here is fitted to these runs: the predictions use only the profile's measurements (GEMM,
 attention, elementwise and activation curves, per-operator host cost, gloo tables) and the model
 YAML. Measured = the denoising loop of run.json (`latency.loop_s`), the quantity `latency_s`
-predicts. run.json has per-step times but no compute/communication split, so compute error is
-reported on the one-process configurations (no communication at all) and the rest as a whole;
+predicts. Runs are traced (`ditplan run --trace`), so run.json carries each rank's measured
+compute, communication and waiting, which the per-component figures compare with the prediction's;
 `--compute-split` adds a load-independent compute check for every configuration: the CPU time the
 run's processes spend per denoising step (the difference between a 3-step and a full run, so start-up
 cancels; divided by the process count), against the predicted compute per step and rank.
@@ -146,6 +150,7 @@ def ensure_profile(path: Path | None, work: Path) -> Path:
         if not path.is_file():
             sys.exit(f"fidelity: --profile {path} does not exist")
         return path
+    work.mkdir(parents=True, exist_ok=True)
     path = work / "profile.yaml"
     print(f"profiling this machine -> {path}", flush=True)
     done = run_command([*DITPLAN, "profile", "--out", str(path)], timeout=None, capture=False)
@@ -221,6 +226,57 @@ def predict(model: Path, profile: Path, config: str, nproc: int, steps: int) -> 
     if done.returncode != 0:
         raise RuntimeError(f"ditplan simulate {config}: {done.stderr.strip()}")
     return json.loads(done.stdout)
+
+
+def run_and_predict(model: Path, family: str, config: str, nproc: int, out: Path, profile: Path,
+                    args: argparse.Namespace) -> Row | str:
+    """One real run of the configuration and its prediction from `profile` (or the refusal text)."""
+    load = os.getloadavg()[0]
+    stolen_before, wall_before = stolen_seconds(), time.perf_counter()
+    result = measure(model, config, nproc, out, args.steps)
+    stolen = (stolen_seconds() - stolen_before) / ((time.perf_counter() - wall_before) * (os.cpu_count() or 1))
+    if isinstance(result, str):
+        return result
+    loop_s, step_s, cpu_s, parts = result
+    predicted = predict(model, profile, config, nproc, args.steps)
+    breakdown = predicted["breakdown"]
+    comm = breakdown.get("communication_s", 0.0)
+    waiting = breakdown.get("bubble_s", 0.0)
+    row = Row(family, config, nproc, loop_s, predicted["latency_s"], predicted["latency_s"] - comm - waiting, comm,
+              step_s, load, stolen, measured_parts=parts, predicted_waiting_s=waiting)
+    if args.compute_split:
+        short = measure(model, config, nproc, out.with_name(out.name + "-short"), SHORT_STEPS)
+        if not isinstance(short, str):
+            row.cpu_per_step_s = (cpu_s - short[2]) / (args.steps - SHORT_STEPS) / nproc
+            row.predicted_cpu_per_step_s = predicted_compute_per_step(predicted, args.steps)
+    return row
+
+
+def median_row(series: list[Row]) -> Row:
+    """One configuration's runs over the rounds as one row: the median of every figure."""
+    first = series[0]
+
+    def median(values: list[float]) -> float:
+        finite = [value for value in values if math.isfinite(value)]
+        return statistics.median(finite) if finite else math.nan
+
+    parts = [row.measured_parts for row in series if row.measured_parts is not None]
+    return Row(first.family, first.config, first.nproc, median([r.measured_s for r in series]),
+               median([r.predicted_s for r in series]), median([r.predicted_compute_s for r in series]),
+               median([r.predicted_comm_s for r in series]), median([r.step_median_s for r in series]),
+               median([r.load for r in series]), median([r.stolen for r in series]),
+               median([r.cpu_per_step_s for r in series]), median([r.predicted_cpu_per_step_s for r in series]),
+               {key: median([p[key] for p in parts]) for key in COMPONENTS} if parts else None,
+               median([r.predicted_waiting_s for r in series]))
+
+
+def repeatability(runs: dict[tuple[str, str], list[Row]]) -> list[float]:
+    """Kendall's tau between the measured orders of every two rounds, over the configurations every
+    round ran: how well this machine reproduces its own order, the ceiling of the predicted order's."""
+    complete = [series for series in runs.values() if len(series) == max(map(len, runs.values()))]
+    rounds = len(complete[0]) if complete else 0
+    return [kendall_tau([series[a].measured_s for series in complete], [series[b].measured_s for series in complete])
+            for a in range(rounds) for b in range(a + 1, rounds)]
 
 
 def kendall_tau(xs: list[float], ys: list[float]) -> float:
@@ -313,11 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, help="write the table as CSV (config, measured_s, predicted_s, ...)")
     parser.add_argument("--families", default="pixart,sd3", help="model families (default: pixart,sd3)")
     parser.add_argument("--steps", type=int, default=SIZE["default_steps"], help="denoising steps per run (default 6)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="run every configuration this many times, each round after a fresh profile; a row is "
+                             "the median over rounds (default 3)")
     parser.add_argument("--max-procs", type=int, default=4, help="largest process count to run (default 4, if profiled)")
     parser.add_argument("--compute-split", action="store_true",
                         help=f"also run each configuration for {SHORT_STEPS} steps and compare CPU time per step with "
                              "the predicted compute (independent of other load on the machine)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: it must be at least 1")
     if args.compute_split and args.steps <= SHORT_STEPS:
         parser.error(f"--compute-split needs --steps > {SHORT_STEPS}")
     signal.signal(signal.SIGTERM, _interrupt)
@@ -342,35 +403,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{sorted(covered)} processes, this machine has {cores} cores", flush=True)
     models = build_models(work, families)
 
-    rows: list[Row] = []
+    # Each round profiles the machine again (unless --profile) and runs every configuration once, so
+    # each run is predicted from rates measured minutes before it, and a slow spell of the host
+    # touches one run of a configuration rather than all of them; a row is the median over rounds.
+    runs: dict[tuple[str, str], list[Row]] = {}
     skipped: list[tuple[str, str, str]] = []
-    for family in families:
-        for config, nproc in configs:
-            name = f"{family}-{config.replace('=', '').replace(',', '-')}"
-            load = os.getloadavg()[0]
-            stolen_before, wall_before = stolen_seconds(), time.perf_counter()
-            result = measure(models[family], config, nproc, work / "runs" / name, args.steps)
-            stolen = (stolen_seconds() - stolen_before) / ((time.perf_counter() - wall_before) * (os.cpu_count() or 1))
-            if isinstance(result, str):
-                skipped.append((family, config, result))
-                print(f"  {family:7s} {config:40s} skipped: {result}", flush=True)
-                continue
-            loop_s, step_s, cpu_s, parts = result
-            predicted = predict(models[family], profile, config, nproc, args.steps)
-            breakdown = predicted["breakdown"]
-            comm = breakdown.get("communication_s", 0.0)
-            waiting = breakdown.get("bubble_s", 0.0)
-            row = Row(family, config, nproc, loop_s, predicted["latency_s"], predicted["latency_s"] - comm - waiting, comm,
-                      step_s, load, stolen, measured_parts=parts, predicted_waiting_s=waiting)
-            if args.compute_split:
-                short = measure(models[family], config, nproc, work / "runs" / f"{name}-short", SHORT_STEPS)
-                if not isinstance(short, str):
-                    row.cpu_per_step_s = (cpu_s - short[2]) / (args.steps - SHORT_STEPS) / nproc
-                    row.predicted_cpu_per_step_s = predicted_compute_per_step(predicted, args.steps)
-            rows.append(row)
-            extra = f"  compute/step {row.compute_error * 100:+6.1f} %" if args.compute_split else ""
-            print(f"  {family:7s} {config:40s} measured {loop_s:7.3f} s  predicted {row.predicted_s:7.3f} s  "
-                  f"{row.error * 100:+6.1f} %{extra}", flush=True)
+    for round_index in range(args.rounds):
+        if round_index:
+            profile = ensure_profile(args.profile, work / f"round-{round_index}")
+        print(f"round {round_index + 1} of {args.rounds}", flush=True)
+        for family in families:
+            for config, nproc in configs:
+                if any(f == family and c == config for f, c, _ in skipped):
+                    continue
+                name = f"{family}-{config.replace('=', '').replace(',', '-')}-{round_index}"
+                row = run_and_predict(models[family], family, config, nproc, work / "runs" / name, profile, args)
+                if isinstance(row, str):
+                    skipped.append((family, config, row))
+                    print(f"  {family:7s} {config:40s} skipped: {row}", flush=True)
+                    continue
+                runs.setdefault((family, config), []).append(row)
+                extra = f"  compute/step {row.compute_error * 100:+6.1f} %" if args.compute_split else ""
+                print(f"  {family:7s} {config:40s} measured {row.measured_s:7.3f} s  predicted {row.predicted_s:7.3f} s  "
+                      f"{row.error * 100:+6.1f} %{extra}", flush=True)
+    rows = [median_row(series) for series in runs.values()]
     if not rows:
         print("fidelity: no configuration ran", file=sys.stderr)
         return 1
@@ -382,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median absolute error         {stats['median_abs_error'] * 100:.1f} %   (target <= 12 %)")
     print(f"worst absolute error          {stats['worst_abs_error'] * 100:.1f} %")
     print(f"Kendall's tau                 {stats['kendall_tau']:.2f}   (target >= 0.8)")
+    between = repeatability(runs)
+    if between:
+        print(f"  measured vs measured        {statistics.median(between):.2f} median between two rounds "
+              f"({min(between):.2f}-{max(between):.2f}): how far this machine repeats its own order")
     for family in families:
         mine = [row for row in rows if row.family == family]
         print(f"  within {family:20s} {kendall_tau([r.predicted_s for r in mine], [r.measured_s for r in mine]):.2f}")
