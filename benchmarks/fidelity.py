@@ -272,7 +272,8 @@ def median_row(series: list[Row]) -> Row:
 
 def repeatability(runs: dict[tuple[str, str], list[Row]]) -> list[float]:
     """Kendall's tau between the measured orders of every two rounds, over the configurations every
-    round ran: how well this machine reproduces its own order, the ceiling of the predicted order's."""
+    round ran: how well this machine reproduces its own order, which bounds how well any prediction
+    can match one round's."""
     complete = [series for series in runs.values() if len(series) == max(map(len, runs.values()))]
     rounds = len(complete[0]) if complete else 0
     return [kendall_tau([series[a].measured_s for series in complete], [series[b].measured_s for series in complete])

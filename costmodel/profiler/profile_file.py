@@ -87,7 +87,9 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
                 "attention": [{"head_dim": head_dim, "points": points,
                                "notes": "SDPA forward, by FLOPs (4 x batch x heads x q x k x d)"}
                               for head_dim, points in sorted(attention.items())],
-                "elementwise": {"points": elementwise, "notes": "seconds of one pass (read or write) by its bytes"},
+                "elementwise": {"points": elementwise, "notes": "seconds of one pass (read or write) by its bytes, "
+                                + ("of x * 1.5" if "accelerator" in machine else
+                                   "of a PixArt block's operators other than matmuls, attention and GELU")},
                 "activation": {"points": activation, "notes": "tanh-GELU by elements"},
             },
             "communication": comm_entries,
