@@ -27,8 +27,9 @@ NO_PROGRESS_TIMEOUT_S = 120.0  # the slowest step: spawning processes that impor
 
 ROUNDS = 2
 # In a denoising loop a collective follows a block's compute, which has pushed the collective's buffers
-# and the transport's own state out of the core's caches; back to back, the same gloo call runs 30-70 %
-# faster. On the CPU each timed call therefore follows a pass over this many bytes (beyond a core's L2).
+# and the transport's own state out of the core's caches; after such a pass a gloo all-to-all takes
+# 1.2-1.8 times as long as back to back (benchmarks/cold_collectives.py). On the CPU each timed call
+# therefore follows a pass over this many bytes (beyond a core's L2).
 EVICT_BYTES = 16 * 2**20
 
 
@@ -38,7 +39,7 @@ def repeats_for(nbytes: int) -> int:
     return 40 if nbytes <= 65536 else 12 if nbytes <= 4 * 2**20 else 4
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -127,7 +128,7 @@ def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] | None = N
     sizes = SIZES if sizes is None else sizes
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     workers = [context.Process(target=_worker, args=(rank, world, port, backend, sizes, results), daemon=True)
                for rank in range(world)]
     samples: dict[str, list[tuple[int, float]]] = {pattern: [] for pattern in PATTERNS}
