@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -253,21 +254,24 @@ def run_and_predict(model: Path, family: str, config: str, nproc: int, out: Path
 
 
 def median_row(series: list[Row]) -> Row:
-    """One configuration's runs over the rounds as one row: the median of every figure."""
-    first = series[0]
+    """One configuration's runs over the rounds as one row: the median of every figure (of each
+    measured component too), the same family, configuration and process count."""
 
     def median(values: list[float]) -> float:
         finite = [value for value in values if math.isfinite(value)]
         return statistics.median(finite) if finite else math.nan
 
-    parts = [row.measured_parts for row in series if row.measured_parts is not None]
-    return Row(first.family, first.config, first.nproc, median([r.measured_s for r in series]),
-               median([r.predicted_s for r in series]), median([r.predicted_compute_s for r in series]),
-               median([r.predicted_comm_s for r in series]), median([r.step_median_s for r in series]),
-               median([r.load for r in series]), median([r.stolen for r in series]),
-               median([r.cpu_per_step_s for r in series]), median([r.predicted_cpu_per_step_s for r in series]),
-               {key: median([p[key] for p in parts]) for key in COMPONENTS} if parts else None,
-               median([r.predicted_waiting_s for r in series]))
+    figures: dict = {}
+    for field in dataclasses.fields(Row):
+        column = [getattr(row, field.name) for row in series]
+        if field.name == "measured_parts":
+            parts = [value for value in column if value is not None]
+            figures[field.name] = {key: median([p[key] for p in parts]) for key in COMPONENTS} if parts else None
+        elif field.type == "float":
+            figures[field.name] = median(column)
+        else:
+            figures[field.name] = column[0]
+    return Row(**figures)
 
 
 def repeatability(runs: dict[tuple[str, str], list[Row]]) -> list[float]:

@@ -5,9 +5,9 @@ One group of processes per process count (spawned, one thread each); rank 0 repo
 (pattern, bytes) sample through a queue. The time of one sample is the slowest rank's, per
 repetition, after a barrier (on the CPU, after a pass over memory that evicts the caches, as a
 block's compute does between the collectives of a run); the median over repetitions is kept.
-Sizes are the bytes each rank contributes, as the cost model's communication tables count them: its send buffer for all-to-all
-and point-to-point (every rank sends to the next in a ring and receives from the previous), its
-input slab for all-gather.
+Sizes are the bytes each rank contributes, as the cost model's communication tables count them:
+its send buffer for all-to-all and point-to-point (every rank sends to the next in a ring and
+receives from the previous), its input slab for all-gather.
 """
 from __future__ import annotations
 

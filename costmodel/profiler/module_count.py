@@ -99,8 +99,9 @@ def forward_inputs(spec: ModelSpec, config: dict[str, Any], batch: int, height: 
 def operator_modes(report: Callable[[str, float, float], None]) -> Iterator[None]:
     """Inside, `report(name, bytes, seconds)` is called for every kernel an eager forward launches:
     every aten operator except views and allocations, with a scaled-dot-product attention call
-    reported once as "attention" whatever it decomposes into. `bytes` is what a non-matmul operator reads and writes (0 for matrix products and
-    attention); `seconds` the thread time the kernel took (its operators', for attention)."""
+    reported once as "attention" whatever it decomposes into. `bytes` is what a non-matmul operator
+    reads and writes (0 for matrix products and attention); `seconds` the thread time the kernel took
+    (its operators', for attention)."""
     import time
 
     import torch
