@@ -4,7 +4,6 @@ mocked), and process counts, backend, dtype and fingerprint follow the GPUs."""
 from __future__ import annotations
 
 import multiprocessing
-import socket
 import sys
 from pathlib import Path
 
@@ -13,14 +12,9 @@ import torch
 
 from costmodel.errors import DitplanError
 from costmodel.profiler import compute_bench, run
+from costmodel.profiler.comm_bench import free_port
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.timeout(300)
@@ -30,7 +24,7 @@ def test_communication_measurement_follows_nccl_rules(tmp_path):
     from profiler_comm_worker import measure_recorded
 
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     workers = [context.Process(target=measure_recorded, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
     for worker in workers:
         worker.start()

@@ -8,7 +8,6 @@ text tokens, so patches 4, 8 and 16 split the text into uneven (and empty) strip
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from executor_spawn import assert_follows_nccl_rules, recorded_communication  # noqa: E402
 import pf_worker  # noqa: E402
+from costmodel.profiler.comm_bench import free_port  # noqa: E402
 from costmodel.specs import load_model  # noqa: E402
 from executor.families import DECLARATIONS, FAMILIES  # noqa: E402
 
@@ -28,16 +28,10 @@ CFG_FAMILIES = tuple(f.name for f in DECLARATIONS.values() if load_model(next(it
 JOINT_FAMILIES = tuple(f.name for f in DECLARATIONS.values() if f.joins_attention)  # text travels in strips
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world: int, cases: list[dict], tmp_path: Path) -> list[dict]:
     out = tmp_path / f"results{world}.json"
     with recorded_communication(tmp_path / f"communication{world}") as calls:
-        mp.spawn(pf_worker.worker, args=(world, _free_port(), cases, str(out)), nprocs=world, join=True)
+        mp.spawn(pf_worker.worker, args=(world, free_port(), cases, str(out)), nprocs=world, join=True)
     # Every stage count, hybrid and family of the spawn replays under NCCL's rules.
     assert_follows_nccl_rules(calls)
     data = json.loads(out.read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -17,14 +16,9 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from executor_spawn import assert_follows_nccl_rules, recorded_communication  # noqa: E402
 import pf_pipeline_worker  # noqa: E402
 from pf_pipeline_worker import STEPS, _eight_bit, _psnr, _request  # noqa: E402
+from costmodel.profiler.comm_bench import free_port  # noqa: E402
 
 MODELS = ("tiny-pixart-alpha", "tiny-sd3-medium", "tiny-flux-dev", "tiny-hunyuan-dit", "tiny-cogvideox-2b", "tiny-latte")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_and_check(world: int, cases: list[dict], tmp_path: Path) -> None:
@@ -32,7 +26,7 @@ def _run_and_check(world: int, cases: list[dict], tmp_path: Path) -> None:
     with warmup = steps, the serial loop) within 1e-4 on latents and one level on 8-bit images."""
     out = tmp_path / "results.json"
     with recorded_communication(tmp_path / "communication") as calls:
-        mp.spawn(pf_pipeline_worker.worker, args=(world, _free_port(), cases, str(out)), nprocs=world, join=True)
+        mp.spawn(pf_pipeline_worker.worker, args=(world, free_port(), cases, str(out)), nprocs=world, join=True)
     assert_follows_nccl_rules(calls)
     data = json.loads(out.read_text())
     assert data["error"] is None, data["error"]
