@@ -5,7 +5,8 @@ its exposed communication by link tier, and the per-step work outside the blocks
   tokens of joint attention stay on every rank (each rank projects all of them), except Flux's
   without PipeFusion, which the executor splits over the SP ranks like the image when they divide.
 - Ring: r-1 point-to-point hops of the local K/V per attention layer, each hidden behind the
-  attention of the previous block only (plus the exact log-sum-exp merge, elementwise in fp32).
+  attention of the block in hand and its fold into the running output (the exact log-sum-exp merge,
+  elementwise in fp32; the first block's fold is only its upcast, as it starts the running output).
 - USP: Ulysses inside groups of u, ring across groups of r.
 - Linear attention (SANA): a rank attends its own tokens through the key-value summary of all of them;
   Ring passes each rank's fp32 summary ((head_dim + 1) x head_dim per local head) around the ring
@@ -44,6 +45,8 @@ RING_TEXT_OPS = 4
 # passes of the fp32 running output: upcast the block's output 1.5, (out - block_out) 3,
 # sigmoid(lse diff) x (...) 2, out - (...) 3, and the final downcast 0.5.
 RING_MERGE_PASSES = 10.0
+# The first block folded in becomes the running output: only its upcast to fp32 (1.5 passes).
+RING_FIRST_FOLD_PASSES = 1.5
 # Host operators per ring hop of a linear-attention summary: the batched isend/irecv + wait (~3) and
 # the add into the running sum (1).
 RING_SUMMARY_OPS = 4
@@ -111,10 +114,12 @@ def block_cost(st: Setup, kind: str, image_tokens: int, text_tokens: int, skip_l
         text_part = compute.attention_seconds(hw, batch_heads, group_queries, text_keys, model.head_dim) if text_keys else 0.0
         out_bytes = st.batch * queries * (h / u) * 4  # the fp32 running output
         merge = compute.elementwise_seconds(hw, RING_MERGE_PASSES * out_bytes, out_bytes)
+        # Without text keys (folded in first) the local block starts the running output: an upcast.
+        first_fold = merge if text_keys else compute.elementwise_seconds(hw, RING_FIRST_FOLD_PASSES * out_bytes, out_bytes)
         hop_bytes = 2.0 * st.batch * shard_rows * h * b  # K and V of the local shard for the local heads
         hop, tier = cluster.comm_time("p2p", st.groups["ring"], hop_bytes)
-        # Each hop runs while the previous block's attention and merge compute (async isend/irecv).
-        exposed = (r - 1) * max(0.0, hop - (chunk + merge))
+        # Each hop (async isend/irecv) runs while the block in hand is attended and folded in.
+        exposed = max(0.0, hop - (chunk + first_fold)) + (r - 2) * max(0.0, hop - (chunk + merge))
         attention = text_part + r * chunk + (r - 1) * merge
         extra_ops += r * RING_OPS_PER_BLOCK + (RING_TEXT_OPS if held_text else 0)
         if exposed > 0:

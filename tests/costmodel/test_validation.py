@@ -6,10 +6,9 @@ import pytest
 import costmodel
 from costmodel.validation import group_summary
 
-# The one group where the model's best disagrees with the published one: Latte on two L20s under one
-# PCIe switch, published Ulysses 2 at 28 s ahead of Ring 2 at 30 s. Both move the same bytes over the
-# same pairwise exchange, so the order rests on Ring's split attention and merges against Ulysses'
-# exposed all-to-all; the model puts Ring 2 ahead by about 1 % (27.8 s against 28.2 s).
+# Latte on two L20s under one PCIe switch: published Ulysses 2 at 28 s ahead of Ring 2 at 30 s. Both
+# move the same bytes over the same pairwise exchange, so the order rests on how much of Ring's hop
+# hides behind the attention of the block in hand (the first fold is only an upcast).
 LATTE = ("docs-latte/latte/512x512x16/l20-pcie-8", 2)
 
 
@@ -33,12 +32,9 @@ def test_hunyuan_video_rows_within_20_percent(table):
 
 def test_predicted_best_is_published_best_in_every_group(table):
     groups = group_summary(table)
-    assert len(groups) == 27
-    others = groups[[(s, g) != LATTE for s, g in zip(groups["scenario"], groups["gpus"])]]
-    assert len(others) == 26 and others["best_agrees"].all(), others[~others["best_agrees"]]
+    assert len(groups) == 27 and groups["best_agrees"].all(), groups[~groups["best_agrees"]]
 
 
-@pytest.mark.xfail(strict=True, reason="Latte on two L20s: see LATTE above")
 def test_latte_on_two_l20s_puts_ulysses_ahead_of_ring(table):
     rows = table[(table["scenario"] == LATTE[0]) & (table["gpus"].astype(int) == LATTE[1])]
     by_ulysses = rows.set_index(rows["ulysses"].astype(int))["predicted_s"]

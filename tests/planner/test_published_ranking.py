@@ -39,21 +39,7 @@ def _config(row: dict[str, str]) -> ParallelConfig:
 
 
 GROUPS = _groups()
-# Groups where the cost model (not the planner) currently orders the published rows wrongly.
-# Strict: once the cost model gets one right, the test fails until its entry here is removed.
-COST_MODEL_MISSES = {
-    ("docs-latte/latte/512x512x16/l20-pcie-8", 2): (
-        "published Ulysses 2 at 28 s ahead of Ring 2 at 30 s on two L20s under one switch; the model puts Ring 2 "
-        "first by about 1 %"
-    ),
-}
-
-
-@pytest.mark.parametrize("group", [
-    pytest.param(key, marks=pytest.mark.xfail(reason=COST_MODEL_MISSES[key], strict=True))
-    if key in COST_MODEL_MISSES else key
-    for key in sorted(GROUPS)
-], ids=lambda key: f"{key[0]}@{key[1]}")
+@pytest.mark.parametrize("group", sorted(GROUPS), ids=lambda key: f"{key[0]}@{key[1]}")
 def test_search_ranks_the_published_fastest_first(group):
     scenario, gpus = group
     rows = GROUPS[group]
