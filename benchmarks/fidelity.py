@@ -12,8 +12,9 @@ carries each rank's measured totals.
     .venv/bin/python benchmarks/fidelity.py [--profile PATH] [--rounds 3] [--csv fidelity.csv] [--out DIR]
 
 This machine's speed drifts by 10-20 % over minutes (a shared virtual machine), so every
-configuration runs once per round, each round after a fresh profile, and each row is the median
-over the rounds (`--rounds`, default 3; about 7 minutes a round on 2 cores).
+configuration runs once per round, in a new shuffled order each round (`--seed`), each round after a
+fresh profile, and each row is the median over the rounds (`--rounds`, default 3; about 7 minutes a
+round on 2 cores).
 
 Nothing here is fitted to these runs: the predictions use only the profile's measurements (GEMM,
 attention, elementwise and activation curves, per-operator host cost, gloo tables) and the model
@@ -32,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import resource
 import signal
 import statistics
@@ -377,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="run every configuration this many times, each round after a fresh profile; a row is "
                              "the median over rounds (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of each round's shuffled run order (default 0)")
     parser.add_argument("--max-procs", type=int, default=4, help="largest process count to run (default 4, if profiled)")
     parser.add_argument("--compute-split", action="store_true",
                         help=f"also run each configuration for {SHORT_STEPS} steps and compare CPU time per step with "
@@ -417,21 +420,25 @@ def main(argv: list[str] | None = None) -> int:
         if round_index:
             profile = ensure_profile(args.profile, work / f"round-{round_index}")
         print(f"round {round_index + 1} of {args.rounds}", flush=True)
-        for family in families:
-            for config, nproc in configs:
-                if any(f == family and c == config for f, c, _ in skipped):
-                    continue
-                name = f"{family}-{config.replace('=', '').replace(',', '-')}-{round_index}"
-                row = run_and_predict(models[family], family, config, nproc, work / "runs" / name, profile, args)
-                if isinstance(row, str):
-                    skipped.append((family, config, row))
-                    print(f"  {family:7s} {config:40s} skipped: {row}", flush=True)
-                    continue
-                runs.setdefault((family, config), []).append(row)
-                extra = f"  compute/step {row.compute_error * 100:+6.1f} %" if args.compute_split else ""
-                print(f"  {family:7s} {config:40s} measured {row.measured_s:7.3f} s  predicted {row.predicted_s:7.3f} s  "
-                      f"{row.error * 100:+6.1f} %{extra}", flush=True)
-    rows = [median_row(series) for series in runs.values()]
+        # A new order every round: a slow spell of the host then lands on different configurations
+        # each time instead of always on those that run late in a round.
+        order = [(family, config, nproc) for family in families for config, nproc in configs]
+        random.Random(args.seed * 1000 + round_index).shuffle(order)
+        for family, config, nproc in order:
+            if any(f == family and c == config for f, c, _ in skipped):
+                continue
+            name = f"{family}-{config.replace('=', '').replace(',', '-')}-{round_index}"
+            row = run_and_predict(models[family], family, config, nproc, work / "runs" / name, profile, args)
+            if isinstance(row, str):
+                skipped.append((family, config, row))
+                print(f"  {family:7s} {config:40s} skipped: {row}", flush=True)
+                continue
+            runs.setdefault((family, config), []).append(row)
+            extra = f"  compute/step {row.compute_error * 100:+6.1f} %" if args.compute_split else ""
+            print(f"  {family:7s} {config:40s} measured {row.measured_s:7.3f} s  predicted {row.predicted_s:7.3f} s  "
+                  f"{row.error * 100:+6.1f} %{extra}", flush=True)
+    # The table in the configurations' own order, whatever order the rounds ran them in.
+    rows = [median_row(runs[family, config]) for family in families for config, _ in configs if (family, config) in runs]
     if not rows:
         print("fidelity: no configuration ran", file=sys.stderr)
         return 1
