@@ -191,6 +191,26 @@ def test_flux_text_splits_over_sp_ranks_only_where_the_executor_splits_it():
         assert split.breakdown["compute_s"] < 0.97 * whole.breakdown["compute_s"], config
 
 
+def test_a_ring_hop_hides_behind_a_whole_merge_only_once_a_running_output_exists(monkeypatch):
+    """The first hop travels while the local block is attended and upcast into the running output;
+    only the later hops overlap a whole merge. So a costlier merge hides none of a 2-rank ring's hop
+    without text keys, but some of a 4-rank ring's, and of a joint-attention ring's first hop (the
+    text keys start the running output there)."""
+    import costmodel.block_cost as block_cost_module
+    from costmodel.sim_setup import build_setup
+
+    def exposed(model: str, config: str, kind: str, merge_passes: float) -> float:
+        monkeypatch.setattr(block_cost_module, "RING_MERGE_PASSES", merge_passes)
+        st = build_setup(model, "l20-pcie-8", config, None, None, None, None, None)
+        return block_cost_module.block_cost(st, kind, st.tokens // st.config.ring, st.text, False).comm
+
+    two = exposed("latte", "ring=2", "cross", 10.0)
+    assert two > 0 and exposed("latte", "ring=2", "cross", 100.0) == pytest.approx(two)
+    assert exposed("latte", "ring=4", "cross", 100.0) < exposed("latte", "ring=4", "cross", 10.0)
+    joint = exposed("sd3-medium", "ring=2", "joint", 10.0)
+    assert joint > 0 and exposed("sd3-medium", "ring=2", "joint", 100.0) < joint
+
+
 def test_placement_changes_the_tier():
     cluster = load_cluster("l40-pcie-8", gpus=8)
     config = ParallelConfig.parse("ulysses=2,pipefusion=4")
