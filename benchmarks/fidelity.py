@@ -7,7 +7,8 @@ with `ditplan simulate --cluster <profile>` from the same model YAML, and prints
 (config, measured, predicted, error) with the median absolute percentage error, the worst error,
 Kendall's tau between the predicted and the measured order, the same figures for the warmup-0
 PipeFusion plans, and the error per component (compute, communication, waiting) where run.json
-carries each rank's measured totals.
+carries each rank's measured totals (predicted waiting: PipeFusion's bubbles and the wait for the
+slowest rank).
 
     .venv/bin/python benchmarks/fidelity.py [--profile PATH] [--rounds 3] [--csv fidelity.csv] [--out DIR]
 
@@ -17,8 +18,8 @@ fresh profile, and each row is the median over the rounds (`--rounds`, default 3
 round on 2 cores).
 
 Nothing here is fitted to these runs: the predictions use only the profile's measurements (GEMM,
-attention, elementwise and activation curves, per-operator host cost, gloo tables) and the model
-YAML. Measured = the denoising loop of run.json (`latency.loop_s`), the quantity `latency_s`
+attention, elementwise and activation curves, per-operator host cost, gloo tables, the wait for the
+slowest of two synchronized processes) and the model YAML. Measured = the denoising loop of run.json (`latency.loop_s`), the quantity `latency_s`
 predicts. Runs are traced (`ditplan run --trace`), so run.json carries each rank's measured
 compute, communication and waiting, which the per-component figures compare with the prediction's;
 `--compute-split` adds a load-independent compute check for every configuration: the CPU time the
@@ -244,7 +245,7 @@ def run_and_predict(model: Path, family: str, config: str, nproc: int, out: Path
     predicted = predict(model, profile, config, nproc, args.steps)
     breakdown = predicted["breakdown"]
     comm = breakdown.get("communication_s", 0.0)
-    waiting = breakdown.get("bubble_s", 0.0)
+    waiting = breakdown.get("bubble_s", 0.0) + breakdown.get("straggle_s", 0.0)
     row = Row(family, config, nproc, loop_s, predicted["latency_s"], predicted["latency_s"] - comm - waiting, comm,
               step_s, load, stolen, measured_parts=parts, predicted_waiting_s=waiting)
     if args.compute_split:

@@ -34,7 +34,7 @@ CATEGORY_COLOURS = {
 }
 STEP_SHADES = {"compute": "#7fb2e0", "warmup": "#c5a3dc"}
 # Stacked breakdown segments in drawing order, with their colours; link tiers follow, one colour each.
-TERM_COLOURS = {"compute_s": "tab:blue", "warmup_s": "tab:purple", "bubble_s": "0.7"}
+TERM_COLOURS = {"compute_s": "tab:blue", "warmup_s": "tab:purple", "bubble_s": "0.7", "straggle_s": "0.5"}
 TIER_NAMES = {"nvlink": "NVLink", "pcie": "PCIe (within a CPU socket)", "socket": "across CPU sockets",
               "network": "between nodes (network)", "measured": "measured tables", "unattributed": "tier not known"}
 TIER_COLOURS = {"nvlink": "tab:green", "pcie": "tab:orange", "socket": "tab:red", "network": "tab:brown",
@@ -137,7 +137,7 @@ def breakdown_frame(results: Mapping[str, SimResult] | Iterable[SimResult]):
     """Each result's latency split into terms that add up to it, one row per result.
 
     `results` maps a label to a result (or is a sequence; the label is then the configuration).
-    Columns: label, config, gpus, latency_s, compute_s, warmup_s, bubble_s, then `comm.<tier>_s` for
+    Columns: label, config, gpus, latency_s, compute_s, warmup_s, bubble_s, straggle_s, then `comm.<tier>_s` for
     every link tier any result's exposed communication crosses, then `comm.unattributed_s` where a
     result's exposed communication exceeds its per-tier split (0 otherwise). Absent terms are 0.
     """
@@ -152,7 +152,7 @@ def breakdown_frame(results: Mapping[str, SimResult] | Iterable[SimResult]):
         row: dict[str, Any] = {
             "label": label, "config": result.config, "gpus": result.gpus, "latency_s": result.latency_s,
             "compute_s": result.breakdown.get("compute_s", 0.0), "warmup_s": result.breakdown.get("warmup_s", 0.0),
-            "bubble_s": result.breakdown.get("bubble_s", 0.0),
+            "bubble_s": result.breakdown.get("bubble_s", 0.0), "straggle_s": result.breakdown.get("straggle_s", 0.0),
         }
         for tier in tiers:
             row[f"comm.{tier}_s"] = result.comm_by_tier.get(tier, 0.0)

@@ -17,6 +17,10 @@ its exposed communication by link tier, and the per-step work outside the blocks
   halo its neighbours read), over the Ulysses group and then the ring, before the MLP runs.
 - Latte's spatial blocks attend within each frame; its temporal blocks across frames at each
   position, which SP (splitting positions) leaves without communication.
+- PipeFusion's patch steps keep every attention layer's full K/V in buffers: each patch writes its
+  fresh rows in, and joint attention then concatenates the image buffer with the text buffer into
+  the K/V it attends to, a copy of the whole buffer per patch that cross-attention blocks (whose
+  buffer is attended as it is) do not make.
 """
 from __future__ import annotations
 
@@ -56,6 +60,10 @@ MLP_HALO_ROWS = 2
 # Host operators of that exchange: the two edge rows' concatenation, the all-gather over each axis,
 # the halo's concatenation before the MLP and the crop after it.
 MLP_HALO_OPS = 6
+# Passes of the stale-K/V buffers per patch (PipeFusion): K and V of the fresh rows copied in (read +
+# write), and for joint attention K and V of the whole buffer and text concatenated (read + write).
+STALE_KV_PUT_PASSES = 4.0
+STALE_KV_CAT_PASSES = 4.0
 
 
 @dataclass
@@ -66,10 +74,11 @@ class BlockCost:
 
 
 def block_cost(st: Setup, kind: str, image_tokens: int, text_tokens: int, skip_linear: bool,
-                text_split: bool = False) -> BlockCost:
+                text_split: bool = False, stale_kv: bool = False) -> BlockCost:
     """One block for `image_tokens` local image tokens per sample (S/sp, or a PipeFusion patch's share)
     and `text_tokens` local text tokens of joint attention (all of them, a patch's share, or with
-    `text_split` this rank's T/sp, which then travel with the image tokens as one joint chunk)."""
+    `text_split` this rank's T/sp, which then travel with the image tokens as one joint chunk);
+    `stale_kv`: a PipeFusion patch step, attending the full K/V buffers."""
     model, cluster, config = st.model, st.cluster, st.config
     u, r = config.ulysses, config.ring
     b = model.dtype_bytes
@@ -132,6 +141,13 @@ def block_cost(st: Setup, kind: str, image_tokens: int, text_tokens: int, skip_l
         extra_ops += ULYSSES_OPS + (ULYSSES_TEXT_OPS if held_text else 0)
         comm += 4 * a2a
         tiers[tier] = tiers.get(tier, 0.0) + 4 * a2a
+    if stale_kv:
+        head_share = h / u * b * st.batch
+        fresh = shard_rows * u + held_text  # this patch's rows of the buffer, all of them after Ulysses
+        extra_gpu += compute.elementwise_seconds(hw, STALE_KV_PUT_PASSES * fresh * head_share, fresh * head_share)
+        if text_keys:
+            buffer = (st.tokens // r + st.text) * head_share
+            extra_gpu += compute.elementwise_seconds(hw, STALE_KV_CAT_PASSES * buffer, buffer)
     if model.family in GLU_CONV_FAMILIES and config.sp > 1:
         row_bytes = st.batch * model.token_grid(st.height, st.width, st.frames)[2] * h * b
         # Over the Ulysses group each rank gives its two rows; over the ring, its group's 2u rows.
@@ -151,7 +167,7 @@ def block_cost(st: Setup, kind: str, image_tokens: int, text_tokens: int, skip_l
 
 
 def sequence_cost(st: Setup, blocks: list[tuple[int, str]], image_tokens: int, text_tokens: int,
-                   text_split: bool = False) -> BlockCost:
+                   text_split: bool = False, stale_kv: bool = False) -> BlockCost:
     """Sum of `_block_cost` over (block index, kind) pairs, computing each distinct block once."""
     counts: dict[tuple[str, bool], int] = {}
     half = st.model.num_blocks // 2
@@ -160,7 +176,7 @@ def sequence_cost(st: Setup, blocks: list[tuple[int, str]], image_tokens: int, t
         counts[key] = counts.get(key, 0) + 1
     total = BlockCost(0.0, 0.0, {})
     for (kind, skip), count in counts.items():
-        cost = block_cost(st, kind, image_tokens, text_tokens, skip, text_split)
+        cost = block_cost(st, kind, image_tokens, text_tokens, skip, text_split, stale_kv)
         total.compute += count * cost.compute
         total.comm += count * cost.comm
         for tier, seconds in cost.tiers.items():

@@ -18,6 +18,7 @@ from typing import Any
 from costmodel.block_cost import BlockCost, sequence_cost, step_extras
 from costmodel.config import warmup_steps
 from costmodel.sim_setup import Setup, latent_bytes
+from costmodel.straggle import block_syncs, has_straggle, step_end_sync, straggle_seconds
 from costmodel.trace import event, trace_patch, trace_warmup
 
 
@@ -74,6 +75,8 @@ class PipelineParts:
     patch_tokens: int
     relayed: list[int]  # long skips crossing each stage boundary s -> s+1
     messages: list[list[tuple[int, float]]]  # per stage: (target stage, bytes) sent per patch
+    straggle: list[float]  # per stage: seconds one patch waits for the slowest rank (costmodel.straggle)
+    warm_straggle: float  # the same over one warmup step
 
 
 def pipeline_parts(st: Setup) -> PipelineParts:
@@ -88,7 +91,7 @@ def pipeline_parts(st: Setup) -> PipelineParts:
     # like the image, so each patch carries T/M text tokens and the text runs once per step in total.
     patch_text = -(-st.text // M)
     full = [sequence_cost(st, blocks, full_tokens, st.text) for blocks in stages]
-    patch = [sequence_cost(st, blocks, patch_tokens, patch_text) for blocks in stages]
+    patch = [sequence_cost(st, blocks, patch_tokens, patch_text, stale_kv=True) for blocks in stages]
     # Messages each stage sends per patch: the hidden states (with the patch's text strip) to the next
     # stage and the latent strip from the last stage back to stage 0. HunyuanDiT's long skips (block
     # i's output feeds block L-1-i) ride along: stages only talk to their neighbour, so a skip is
@@ -110,15 +113,25 @@ def pipeline_parts(st: Setup) -> PipelineParts:
         elif p > 1:
             out.append((0, latent_bytes(st, patch_tokens)))
         messages.append(out)
+    # A patch's compute ends in the hand-over to the next stage, which runs concurrently (the ranks
+    # wait for each other there); the last stage's share of the step-end all-gather is 1/M per patch.
+    # A warmup step runs the stages in turn, so only the exchanges inside each stage wait.
+    straggle, warm_straggle = [], 0.0
+    for s, blocks in enumerate(stages):
+        last = s == p - 1
+        straggle.append(straggle_seconds(st, patch[s].compute + (host / M if last else 0.0),
+                                         block_syncs(st, blocks) + (p > 1) + (step_end_sync(st) / M if last else 0)))
+        warm_straggle += straggle_seconds(st, full[s].compute + (host if last else 0.0),
+                                          block_syncs(st, blocks) + (step_end_sync(st) if last else 0))
     return PipelineParts(stages, full, patch, host, extra_comm, extra_tiers, Transfers(st), full_tokens, patch_tokens,
-                         relayed, messages)
+                         relayed, messages, straggle, warm_straggle)
 
 
 def _warm_step(st: Setup, parts: PipelineParts) -> float:
     """One synchronous full-image step through the stages in turn."""
     p = st.config.pipefusion
     b, h = st.model.dtype_bytes, st.model.hidden_size
-    step = sum(cost.compute + cost.comm for cost in parts.full) + parts.host + parts.extra_comm
+    step = sum(cost.compute + cost.comm for cost in parts.full) + parts.host + parts.extra_comm + parts.warm_straggle
     if p > 1:
         text_slab = st.batch * st.text * h * b
         step += sum(parts.transfers.seconds(s, s + 1, st.batch * parts.full_tokens * h * b * (1 + parts.relayed[s])
@@ -134,8 +147,8 @@ def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
     stages, full, patch, transfers, messages = parts.stages, parts.full, parts.patch, parts.transfers, parts.messages
     extra_comm, extra_tiers = parts.extra_comm, parts.extra_tiers
     per_patch_extra = (parts.host + extra_comm) / M
-    durations = [[patch[s].compute + patch[s].comm + (per_patch_extra if s == p - 1 else 0.0) for _ in range(M)]
-                 for s in range(p)]
+    durations = [[patch[s].compute + patch[s].comm + parts.straggle[s] + (per_patch_extra if s == p - 1 else 0.0)
+                  for _ in range(M)] for s in range(p)]
 
     # Warmup steps run the full image through the stages in turn, once every strip of the step
     # before is back (at the start, and where an expert takes over); the others, patch by patch.
@@ -205,6 +218,7 @@ def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
     pipeline_s = end - warmup_s
     bottleneck = max(range(p), key=lambda s: busy[s])
     bottleneck_comm = (patch[bottleneck].comm + (extra_comm / M if bottleneck == p - 1 else 0.0)) * M * pipelined
+    bottleneck_straggle = parts.straggle[bottleneck] * M * pipelined
     tiers: dict[str, float] = {}
     for tier, seconds in patch[bottleneck].tiers.items():
         tiers[tier] = tiers.get(tier, 0.0) + seconds * M * pipelined
@@ -213,10 +227,12 @@ def simulate_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
             tiers[tier] = tiers.get(tier, 0.0) + seconds * pipelined
     breakdown = {
         "warmup_s": warmup_s,
-        "compute_s": busy[bottleneck] - bottleneck_comm,
+        "compute_s": busy[bottleneck] - bottleneck_comm - bottleneck_straggle,
         "communication_s": bottleneck_comm,
         "bubble_s": max(0.0, pipeline_s - busy[bottleneck]),
     }
+    if has_straggle(st):
+        breakdown["straggle_s"] = bottleneck_straggle
     per_step = pipeline_s / pipelined if pipelined else warm_step
     return {"latency": warmup_s + pipeline_s, "breakdown": breakdown, "per_step": per_step, "tiers": tiers,
             "stages": stages}
@@ -240,7 +256,7 @@ def estimate_pipeline(st: Setup) -> dict[str, Any]:
     parts = pipeline_parts(st)
     slab = st.batch * parts.patch_tokens * model.hidden_size * model.dtype_bytes
     hop = max((parts.transfers.seconds(s, s + 1, slab) for s in range(p - 1)), default=0.0)
-    per_patch = [c.compute + c.comm for c in parts.patch]
+    per_patch = [c.compute + c.comm + wait for c, wait in zip(parts.patch, parts.straggle)]
     per_patch[-1] += (parts.host + parts.extra_comm) / M
     cycle = sum(per_patch) + p * hop  # one patch around the stage ring
     per_step = max(M * max(per_patch), cycle)
@@ -252,9 +268,14 @@ def estimate_pipeline(st: Setup) -> dict[str, Any]:
     runs = sum(1 for t in range(st.steps) if not full_image[t] and (t == 0 or full_image[t - 1]))
     pipeline_s = runs * (cycle - max(per_patch)) + per_step * pipelined
     busy = max(per_patch) * M * pipelined
+    breakdown = {"warmup_s": warm * warm_step, "compute_s": min(busy, pipeline_s),
+                 "communication_s": 0.0, "bubble_s": max(0.0, pipeline_s - busy)}
+    if has_straggle(st):
+        slowest = max(range(p), key=lambda s: per_patch[s])
+        breakdown["straggle_s"] = min(parts.straggle[slowest] * M * pipelined, breakdown["compute_s"])
+        breakdown["compute_s"] -= breakdown["straggle_s"]
     return {
         "latency": warm * warm_step + pipeline_s,
-        "breakdown": {"warmup_s": warm * warm_step, "compute_s": min(busy, pipeline_s),
-                      "communication_s": 0.0, "bubble_s": max(0.0, pipeline_s - busy)},
+        "breakdown": breakdown,
         "per_step": per_step if pipelined else warm_step, "tiers": {}, "stages": parts.stages,
     }

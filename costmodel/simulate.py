@@ -5,7 +5,8 @@ one rank with Ulysses/Ring/USP (`costmodel.block_cost`), the PipeFusion event si
 closed form (`costmodel.pipefusion_sim`), memory (`costmodel.memory`) and the timeline
 (`costmodel.trace`). CFG: each half of the guidance batch on its own ranks, one all-gather of the
 noise prediction per step. DP: replicas on other prompts; no communication, but their groups share
-links with ours. `latency_s` is the denoising loop; `end_to_end_s` adds text encoding, the VAE decode
+links with ours. On a profiled machine whose ranks' speed jitters, each exchange also waits for the
+slowest rank (`costmodel.straggle`; `straggle_s` in the breakdown). `latency_s` is the denoising loop; `end_to_end_s` adds text encoding, the VAE decode
 and the transfers between them (`costmodel.pipeline_stages`).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from costmodel.memory import memory_gib
 from costmodel.pipefusion_sim import estimate_pipeline, simulate_pipeline
 from costmodel.pipeline_stages import memory_note, price_stages
 from costmodel.sim_setup import Setup, build_setup, text_split
+from costmodel.straggle import block_syncs, has_straggle, step_end_sync, straggle_seconds
 from costmodel.trace import name_tracks, trace_steps
 
 
@@ -71,15 +73,19 @@ def _non_pipeline(st: Setup, trace: list | None) -> dict[str, Any]:
     host, extra_comm, extra_tiers = step_extras(st)
     step_compute = cost.compute + host
     step_comm = cost.comm + extra_comm
-    per_step = step_compute + step_comm
+    straggle = straggle_seconds(st, step_compute, block_syncs(st, blocks) + step_end_sync(st))
+    per_step = step_compute + step_comm + straggle
     tiers = {tier: seconds * st.steps for tier, seconds in cost.tiers.items()}
     for tier, seconds in extra_tiers.items():
         tiers[tier] = tiers.get(tier, 0.0) + seconds * st.steps
     if trace is not None:
-        trace_steps(trace, st.config.world_size, st.steps, step_compute, step_comm)
+        trace_steps(trace, st.config.world_size, st.steps, step_compute, step_comm, straggle)
+    breakdown = {"compute_s": step_compute * st.steps, "communication_s": step_comm * st.steps}
+    if has_straggle(st):
+        breakdown["straggle_s"] = straggle * st.steps
     return {
         "latency": per_step * st.steps,
-        "breakdown": {"compute_s": step_compute * st.steps, "communication_s": step_comm * st.steps},
+        "breakdown": breakdown,
         "per_step": per_step, "tiers": tiers, "stages": None,
     }
 

@@ -108,12 +108,24 @@ class Measured:
     """Measured tables of a profiled cluster: they take precedence over datasheet rooflines.
 
     compute[(block kind, hidden size)]: seconds of one block by its row count (batch x tokens);
-    communication[(pattern, ranks)]: seconds of one collective by the bytes each rank contributes.
+    communication[(pattern, ranks)]: seconds of one collective by the bytes each rank contributes;
+    straggle[ranks]: the fraction of a segment of compute that `ranks` synchronized processes wait
+    for the slowest of them at the exchange ending it, by the segment's seconds.
     """
 
     source: str
     compute: dict[tuple[str, int], MeasuredTable] = field(default_factory=dict)
     communication: dict[tuple[str, int], MeasuredTable] = field(default_factory=dict)
+    straggle: dict[int, MeasuredTable] = field(default_factory=dict)
+
+    def straggle_fraction(self, ranks: int, segment_s: float) -> float:
+        """The table of the most processes measured up to `ranks` (0 without one), held at its end
+        values outside the measured segment lengths rather than extrapolated."""
+        counts = [count for count in self.straggle if count <= ranks]
+        if not counts or segment_s <= 0:
+            return 0.0
+        table = self.straggle[max(counts)]
+        return table(min(max(segment_s, table.sizes[0]), table.sizes[-1]))
 
 
 @dataclass
@@ -415,13 +427,15 @@ def _link(data: Any, where: str, tier: str) -> LinkSpec:
     )
 
 
-def _table(entry: Any, where: str, size_key: str) -> MeasuredTable:
+def _table(entry: Any, where: str, size_key: str, value_key: str = "seconds") -> MeasuredTable:
     points = strict.sequence(entry, "points", where)
     pairs = []
     for index, point in enumerate(points):
         if (not isinstance(point, list) or len(point) != 2
-                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in point)):
-            raise DitplanError(f"{where}.points[{index}]: {point!r} must be a pair [{size_key}, seconds] of positive numbers.")
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+                       for v in point)):
+            raise DitplanError(f"{where}.points[{index}]: {point!r} must be a pair [{size_key}, {value_key}] of "
+                               "finite positive numbers.")
         pairs.append((float(point[0]), float(point[1])))
     pairs.sort()
     if len({x for x, _ in pairs}) != len(pairs):
@@ -430,7 +444,7 @@ def _table(entry: Any, where: str, size_key: str) -> MeasuredTable:
 
 
 def _measured(data: Any, where: str) -> Measured:
-    strict.check_keys(data, where, ("source",), ("compute", "communication", "operations", "machine", "notes"))
+    strict.check_keys(data, where, ("source",), ("compute", "communication", "straggle", "operations", "machine", "notes"))
     measured = Measured(source=strict.text(data, "source", where))
     for index, entry in enumerate(data.get("compute", []) or []):
         ew = f"{where}.compute[{index}]"
@@ -442,6 +456,17 @@ def _measured(data: Any, where: str) -> Measured:
         strict.check_keys(entry, ew, ("pattern", "ranks", "points"), ("notes",))
         pattern = strict.text(entry, "pattern", ew, choices=PATTERNS)
         measured.communication[(pattern, strict.integer(entry, "ranks", ew, minimum=2))] = _table(entry, ew, "bytes")
+    for index, entry in enumerate(strict.sequence(data, "straggle", where, default=[])):
+        ew = f"{where}.straggle[{index}]"
+        strict.check_keys(entry, ew, ("ranks", "points"), ("notes",))
+        ranks = strict.integer(entry, "ranks", ew, minimum=2)
+        if ranks in measured.straggle:
+            raise DitplanError(f"{ew}.ranks: {ranks} appears twice; give one straggle table per process count.")
+        table = _table(entry, ew, "segment seconds", "fraction")
+        if max(table.seconds) > 1.0:
+            raise DitplanError(f"{ew}.points: a fraction of {max(table.seconds)} exceeds 1; a straggle fraction is the "
+                               "share of a segment's compute the ranks wait, in (0, 1].")
+        measured.straggle[ranks] = table
     return measured
 
 

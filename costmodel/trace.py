@@ -29,16 +29,21 @@ def trace_warmup(st: Setup, trace: list, full: list, t: int, clock: float) -> No
         clock += cost.compute + cost.comm
 
 
-def trace_steps(trace: list, world: int, steps: int, step_compute: float, step_comm: float) -> None:
-    """Steps one after another on every rank: compute, then the step's exposed communication."""
-    per_step = step_compute + step_comm
+def trace_steps(trace: list, world: int, steps: int, step_compute: float, step_comm: float,
+                straggle: float = 0.0) -> None:
+    """Steps one after another on every rank: compute, then the step's exposed communication, then
+    (on a jittery machine) the step's total wait for the slowest rank."""
+    per_step = step_compute + step_comm + straggle
     for rank in range(world):
         for t in range(steps):
             start = t * per_step
             trace.append(event(f"step {t}", "compute", rank, 0, start, start + step_compute, step=t))
             if step_comm:
                 trace.append(event(f"step {t} communication", "communication", rank, 1,
-                                   start + step_compute, start + per_step, step=t))
+                                   start + step_compute, start + step_compute + step_comm, step=t))
+            if straggle:
+                trace.append(event("waiting for the slowest rank", "waiting", rank, 0,
+                                   start + step_compute + step_comm, start + per_step, step=t))
 
 
 def name_tracks(trace: list, world: int) -> None:

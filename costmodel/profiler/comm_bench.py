@@ -8,6 +8,12 @@ block's compute does between the collectives of a run); the median over repetiti
 Sizes are the bytes each rank contributes, as the cost model's communication tables count them:
 its send buffer for all-to-all and point-to-point (every rank sends to the next in a ring and
 receives from the previous), its input slab for all-gather.
+
+The same processes then measure how long synchronized ranks wait for the slowest of them: each
+runs the same GEMMs for a segment of a given length, then all of them exchange one number, over and
+over. Where the ranks' speed jitters (CPU cores shared with other work), every exchange waits for
+the slower rank, so a segment plus its exchange takes longer than the ranks' mean compute plus the
+exchange alone; the excess over the mean compute, per segment length, is the straggle table.
 """
 from __future__ import annotations
 
@@ -31,6 +37,13 @@ ROUNDS = 2
 # 1.2-1.8 times as long as back to back (benchmarks/cold_collectives.py). On the CPU each timed call
 # therefore follows a pass over this many bytes (beyond a core's L2).
 EVICT_BYTES = 16 * 2**20
+# Segment lengths of the straggle measurement, from a sequence-parallel layer's milliseconds to a CFG
+# step's fraction of a second, and the seconds each is repeated for (the waits come in bursts).
+STRAGGLE_SEGMENTS_S = (0.01, 0.05, 0.25)
+STRAGGLE_SECONDS = 3.0
+# The smallest straggle fraction recorded (a machine without jitter measures about 0, or a little
+# below it); the table is interpolated in log-log space, which needs positive values.
+STRAGGLE_FLOOR = 1e-4
 
 
 def repeats_for(nbytes: int) -> int:
@@ -69,7 +82,58 @@ def _operation(pattern: str, nbytes: int, rank: int, world: int, device: str) ->
     return exchange
 
 
-def _worker(rank: int, world: int, port: int, backend: str, sizes: tuple[int, ...], results) -> None:
+def _straggle(world: int, device: str, sync: Callable[[], None], segments: tuple[float, ...], seconds: float,
+              tick: Callable[[], None]) -> list[tuple[float, float]]:
+    """[(mean segment seconds, fraction of it the ranks wait for the slowest)] per segment length.
+
+    Each rank times its segment and its exchange every iteration. The last rank to arrive waits only
+    for the exchange itself, every other rank also for that rank, so the mean over ranks of the
+    exchange time less its minimum is what the iteration lost to the slowest rank (the slowest
+    compute less the mean compute), whatever the exchange costs."""
+    import torch
+    import torch.distributed as dist
+
+    a = torch.randn(256, 256, device=device)
+    b = torch.randn(256, 1024, device=device)
+    flag = torch.zeros(1, device=device)
+
+    def gemms(count: int) -> None:
+        for _ in range(count):
+            torch.mm(a, b)
+        sync()
+
+    gemms(5)
+    start = time.perf_counter()
+    gemms(20)
+    one = torch.tensor([(time.perf_counter() - start) / 20], dtype=torch.float64, device=device)
+    dist.all_reduce(one, op=dist.ReduceOp.MAX)  # every rank runs the same number of GEMMs
+    points = []
+    for target in segments:
+        count = max(1, round(target / one.item()))
+        iterations = max(5, round(seconds / target))
+        times = torch.zeros(2, iterations, dtype=torch.float64, device=device)  # compute, exchange
+        dist.barrier()
+        for i in range(iterations):
+            begin = time.perf_counter()
+            gemms(count)
+            middle = time.perf_counter()
+            dist.all_reduce(flag)
+            sync()
+            times[0, i], times[1, i] = middle - begin, time.perf_counter() - middle
+        every = [torch.empty_like(times) for _ in range(world)]
+        dist.all_gather(every, times)
+        stacked = torch.stack(every)  # rank, (compute, exchange), iteration
+        compute_s = stacked[:, 0].mean().item()
+        lost_s = (stacked[:, 1].mean(dim=0) - stacked[:, 1].min(dim=0).values).mean().item()
+        # Waits beyond the compute itself mean processes outnumber cores (the profile says so); the
+        # table's rule is a fraction of at most 1.
+        points.append((compute_s, min(1.0, max(STRAGGLE_FLOOR, lost_s / compute_s))))
+        tick()
+    return points
+
+
+def _worker(rank: int, world: int, port: int, backend: str, sizes: tuple[int, ...], results,
+            straggle: tuple[tuple[float, ...], float] = ((), 0.0)) -> None:
     import torch
     import torch.distributed as dist
 
@@ -111,6 +175,10 @@ def _worker(rank: int, world: int, port: int, backend: str, sizes: tuple[int, ..
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             if rank == 0:
                 results.put(("sample", pattern, nbytes, statistics.median(slowest.tolist())))
+        tick = (lambda: results.put(("tick",))) if rank == 0 else (lambda: None)
+        for segment_s, fraction in _straggle(world, device, sync, *straggle, tick):
+            if rank == 0:
+                results.put(("straggle", segment_s, fraction))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -118,10 +186,16 @@ def _worker(rank: int, world: int, port: int, backend: str, sizes: tuple[int, ..
         results.put(("done",))
 
 
+def ticks(sizes: tuple[int, ...] | None = None) -> int:
+    """How often `measure` calls its `tick`."""
+    return ROUNDS * len(PATTERNS) * len(SIZES if sizes is None else sizes) + len(STRAGGLE_SEGMENTS_S)
+
+
 def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] | None = None,
-            tick: Callable[[], None] = lambda: None) -> dict[str, list[tuple[int, float]]]:
-    """{pattern: [(bytes per rank, seconds), ...]} for `world` processes; `tick` is called
-    `ROUNDS x len(PATTERNS) x len(sizes)` times as the measurement advances.
+            tick: Callable[[], None] = lambda: None
+            ) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[float, float]]]:
+    """({pattern: [(bytes per rank, seconds), ...]}, straggle [(segment seconds, fraction), ...]) for
+    `world` processes; `tick` is called `ticks(sizes)` times as the measurement advances.
 
     Ctrl-C, or SIGINT/SIGTERM turned into `Stopped` by the caller, stops every worker it started.
     """
@@ -129,9 +203,11 @@ def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] | None = N
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     port = free_port()
-    workers = [context.Process(target=_worker, args=(rank, world, port, backend, sizes, results), daemon=True)
+    straggle = (STRAGGLE_SEGMENTS_S, STRAGGLE_SECONDS)
+    workers = [context.Process(target=_worker, args=(rank, world, port, backend, sizes, results, straggle), daemon=True)
                for rank in range(world)]
     samples: dict[str, list[tuple[int, float]]] = {pattern: [] for pattern in PATTERNS}
+    waits: list[tuple[float, float]] = []
     expected = len(PATTERNS) * len(sizes)
     received = 0
     last_news = time.monotonic()
@@ -157,6 +233,9 @@ def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] | None = N
             if message[0] == "tick":
                 tick()
                 continue
+            if message[0] == "straggle":
+                waits.append(message[1:])
+                continue
             _, pattern, nbytes, seconds = message
             samples[pattern].append((nbytes, seconds))
             received += 1
@@ -168,6 +247,7 @@ def measure(world: int, backend: str = "gloo", sizes: tuple[int, ...] | None = N
                 worker.terminate()
         for worker in workers:
             worker.join(timeout=5)
-    if received != expected:
-        raise DitplanError(f"communication measurement on {world} processes returned {received} of {expected} samples.")
-    return samples
+    if received != expected or len(waits) != len(straggle[0]):
+        raise DitplanError(f"communication measurement on {world} processes returned {received} of {expected} samples "
+                           f"and {len(waits)} of {len(straggle[0])} straggle figures.")
+    return samples, waits

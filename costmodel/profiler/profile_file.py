@@ -26,8 +26,10 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
                   activation: list[list[float]],
                   communication: dict[tuple[str, int], list[list[float]]], fits: dict[tuple[str, int], LinearFit],
                   backend: str, nodes: int = 1, network_fits: dict[str, LinearFit] | None = None,
-                  gpus_per_node: int | None = None) -> dict[str, Any]:
-    """The profile as a mapping, ready for YAML. Tables are [size, seconds] points.
+                  gpus_per_node: int | None = None,
+                  straggle: dict[int, list[tuple[float, float]]] | None = None) -> dict[str, Any]:
+    """The profile as a mapping, ready for YAML. Tables are [size, seconds] points; `straggle` tables
+    (by process count) are [segment seconds, fraction] points (comm_bench's straggle measurement).
 
     With `nodes` > 1, `network_fits` ({pattern: fit} measured between the nodes, one process each)
     become the `network` tier, and the per-rank-count communication tables are left out: the cost
@@ -54,6 +56,10 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
         if (pattern, count) in fits:
             entry["notes"] = fits[(pattern, count)].describe()
         comm_entries.append(entry)
+    straggle_entries = [
+        {"ranks": count, "points": [[_round(segment), _round(fraction)] for segment, fraction in sorted(points)],
+         "notes": "fraction of a segment of compute that synchronized ranks wait for the slowest, by its seconds"}
+        for count, points in sorted((straggle or {}).items())]
     taken = machine["taken"]
     # Key order matters for truncation: every section after `measured` ends in required fields and
     # the file's last lines are the required link figures, so a file cut anywhere at a line boundary
@@ -93,6 +99,7 @@ def build_profile(*, profile_id: str, machine: dict[str, Any], memory_gb: float,
                 "activation": {"points": activation, "notes": "tanh-GELU by elements"},
             },
             "communication": comm_entries,
+            **({"straggle": straggle_entries} if straggle_entries else {}),
         },
         "hardware": hardware,
         "node": {

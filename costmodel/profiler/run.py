@@ -128,7 +128,7 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
               (compute_bench.GEMM_SHAPES, compute_bench.ATTENTION_SHAPES, compute_bench.BLOCK_ROWS,
                compute_bench.ACTIVATION_ELEMENTS))
     total = (sum(len(series) for series in shapes) + 1
-             + sum(comm_bench.ROUNDS * len(comm_bench.PATTERNS) * len(comm_bench.SIZES) for _ in counts))
+             + comm_bench.ticks() * len(counts))
     threads = torch.get_num_threads()
     with stop_on_signals():
         bar = _progress(total, progress)
@@ -146,9 +146,11 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
             host_op_s = compute_bench.host_op_seconds(PIXART_BLOCK_OPERATORS)
             bar.update()
             communication: dict[tuple[str, int], list[tuple[int, float]]] = {}
+            straggle: dict[int, list[tuple[float, float]]] = {}
             for count in counts:
                 bar.set_description(f"communication: {count} processes ({backend})")
-                for pattern, samples in comm_bench.measure(count, backend, tick=bar.update).items():
+                samples_by_pattern, straggle[count] = comm_bench.measure(count, backend, tick=bar.update)
+                for pattern, samples in samples_by_pattern.items():
                     communication[(pattern, count)] = samples
         finally:
             torch.set_num_threads(threads)
@@ -177,6 +179,7 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
             activation=activation_points,
             communication={key: fit.monotone_points(samples) for key, samples in communication.items()},
             fits=fits, backend=backend, nodes=nodes, network_fits=network_fits, gpus_per_node=gpus_per_node,
+            straggle=straggle,
         )
         path = write_atomically(out, profile, check=check)
     lines = [
@@ -188,6 +191,9 @@ def profile_machine(out: str | Path, process_counts: tuple[int, ...] | None = No
     ]
     for (pattern, count), result in sorted(fits.items(), key=lambda item: (item[0][1], item[0][0])):
         lines.append(f"{pattern} on {count} processes: {result.describe()}")
+    for count, points in sorted(straggle.items()):
+        waits = ", ".join(f"{fraction * 100:.1f} % of {segment * 1e3:.0f} ms" for segment, fraction in sorted(points))
+        lines.append(f"waiting for the slowest of {count} processes at each exchange: {waits}")
     crowded = [count for count in counts if not cuda and count > (os.cpu_count() or 1)]
     if crowded:
         lines.append(f"note: {', '.join(map(str, crowded))} processes outnumber this machine's {os.cpu_count()} cores; "

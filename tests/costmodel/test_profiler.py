@@ -39,7 +39,7 @@ def synthetic_profile(**machine_changes) -> dict:
         activation=[[e, e / 1e9] for e in (1e3, 1e6, 1e9)],
         communication={(p, 2): [[s, 1e-4 + s / 2e9] for s in sizes] for p in ("p2p", "all_to_all", "all_gather")},
         fits={("p2p", 2): LinearFit(1e-4, 2.0, 0.0), ("all_to_all", 2): LinearFit(1e-4, 2.0, 0.0)},
-        backend="gloo",
+        backend="gloo", straggle={2: [(0.01, 0.2), (0.05, 0.1), (0.25, 0.05)]},
     )
 
 
@@ -108,6 +108,11 @@ def test_built_in_clusters_keep_the_roofline():
     (lambda p: p["measured"]["machine"].pop("torch"), "machine", "missing field 'torch'"),
     (lambda p: p["hardware"].update(peak_tflops=0), "hardware.peak_tflops", "must be > 0"),
     (lambda p: p["measured"]["communication"][0].update(ranks=1), "communication[0].ranks", "must be >= 2"),
+    (lambda p: p["measured"]["straggle"][0]["points"].append([1.0, 1.5]), "straggle[0].points", "exceeds 1"),
+    (lambda p: p["measured"]["straggle"][0]["points"].append([1.0, float("nan")]), "straggle[0].points[3]",
+     "finite positive numbers"),
+    (lambda p: p["measured"]["straggle"].append(dict(p["measured"]["straggle"][0])), "straggle[1].ranks",
+     "appears twice"),
 ])
 def test_bad_profile_is_refused_with_file_key_and_rule(tmp_path, edit, key, rule):
     profile = synthetic_profile()

@@ -26,6 +26,8 @@ def test_profile_machine_writes_a_profile_the_cost_model_uses(tmp_path, monkeypa
     monkeypatch.setattr(compute_bench, "BLOCK_ROWS", (16, 256))
     monkeypatch.setattr(compute_bench, "ACTIVATION_ELEMENTS", (2**10, 2**16))
     monkeypatch.setattr(comm_bench, "SIZES", (4096, 65536, 2**20))
+    monkeypatch.setattr(comm_bench, "STRAGGLE_SEGMENTS_S", (0.005, 0.02))
+    monkeypatch.setattr(comm_bench, "STRAGGLE_SECONDS", 0.2)
     out = tmp_path / "machine.yaml"
     report = profile_machine(out, (2,), progress=False, check=lambda temp: load_cluster(str(temp)))
     assert report.path == out and out.is_file()
@@ -33,6 +35,9 @@ def test_profile_machine_writes_a_profile_the_cost_model_uses(tmp_path, monkeypa
     cluster = load_cluster(str(out), gpus=2)
     assert cluster.hardware.operations is not None and [d for d, _ in cluster.hardware.operations.attention] == [32, 64]
     assert {key for key in cluster.measured.communication} == {("p2p", 2), ("all_to_all", 2), ("all_gather", 2)}
+    straggle = cluster.measured.straggle[2]
+    assert len(straggle.sizes) == 2 and all(0 < fraction <= 1 for fraction in straggle.seconds)
+    assert any(line.startswith("waiting for the slowest of 2 processes") for line in report.lines)
     result = simulate("tiny-pixart-alpha", cluster, "ulysses=2", steps=2)
     assert result.latency_s > 0 and result.comm_by_tier.get("measured", 0) > 0
     assert [p.name for p in tmp_path.iterdir()] == ["machine.yaml"]

@@ -211,6 +211,39 @@ def test_a_ring_hop_hides_behind_a_whole_merge_only_once_a_running_output_exists
     assert joint > 0 and exposed("sd3-medium", "ring=2", "joint", 100.0) < joint
 
 
+def test_a_joint_attention_patch_copies_its_whole_kv_buffer_and_a_cross_attention_patch_only_its_rows(tmp_path):
+    """PipeFusion's patch steps write each patch's fresh K/V rows into the buffers; joint attention
+    also concatenates the whole image buffer with the text's, so its per-patch copy does not shrink
+    with the patch. (On a profiled CPU, where no host time hides the copies.)"""
+    from test_profiler import synthetic_profile, write_profile
+
+    from costmodel import compute
+    from costmodel.block_cost import STALE_KV_CAT_PASSES, STALE_KV_PUT_PASSES, block_cost
+    from costmodel.sim_setup import build_setup
+
+    cluster = load_cluster(str(write_profile(tmp_path, synthetic_profile())), gpus=2)
+
+    def added(model: str, kind: str, patches: int) -> tuple[float, float]:
+        st = build_setup(model, cluster, f"pipefusion=2,patches={patches}", None, None, None, None, None)
+        rows, text = st.tokens // patches, -(-st.text // patches)
+        extra = (block_cost(st, kind, rows, text, False, stale_kv=True).compute
+                 - block_cost(st, kind, rows, text, False).compute)
+        slab = st.batch * st.model.hidden_size * st.model.dtype_bytes
+        hw = st.cluster.hardware
+        put = compute.elementwise_seconds(hw, STALE_KV_PUT_PASSES * (rows + text) * slab, (rows + text) * slab)
+        cat = compute.elementwise_seconds(hw, STALE_KV_CAT_PASSES * (st.tokens + st.text) * slab,
+                                          (st.tokens + st.text) * slab) if st.text else 0.0
+        return extra, put + cat
+
+    for model, kind in (("sd3-medium", "joint"), ("pixart-alpha", "cross")):
+        for patches in (2, 8):
+            extra, expected = added(model, kind, patches)
+            assert extra == pytest.approx(expected, rel=1e-9) and extra > 0, (model, patches)
+    # Per step (x patches) the joint block's copies grow with the patch count; the cross block's do not.
+    assert 8 * added("sd3-medium", "joint", 8)[0] > 3 * 2 * added("sd3-medium", "joint", 2)[0]
+    assert 8 * added("pixart-alpha", "cross", 8)[0] == pytest.approx(2 * added("pixart-alpha", "cross", 2)[0], rel=0.3)
+
+
 def test_placement_changes_the_tier():
     cluster = load_cluster("l40-pcie-8", gpus=8)
     config = ParallelConfig.parse("ulysses=2,pipefusion=4")
