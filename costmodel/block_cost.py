@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from costmodel import compute
-from costmodel.flops import GLU_CONV_FAMILIES, BlockWork
+from costmodel.flops import GLU_CONV_FAMILIES, BlockWork, text_output
 from costmodel.sim_setup import Setup, latent_bytes
 
 # Operators per step outside the blocks: time embedding, patch embedding, final norm/projection,
@@ -74,11 +74,12 @@ class BlockCost:
 
 
 def block_cost(st: Setup, kind: str, image_tokens: int, text_tokens: int, skip_linear: bool,
-                text_split: bool = False, stale_kv: bool = False) -> BlockCost:
+                text_split: bool = False, stale_kv: bool = False, carries_text: bool = True) -> BlockCost:
     """One block for `image_tokens` local image tokens per sample (S/sp, or a PipeFusion patch's share)
     and `text_tokens` local text tokens of joint attention (all of them, a patch's share, or with
     `text_split` this rank's T/sp, which then travel with the image tokens as one joint chunk);
-    `stale_kv`: a PipeFusion patch step, attending the full K/V buffers."""
+    `stale_kv`: a PipeFusion patch step, attending the full K/V buffers; `carries_text`: False for
+    a joint block whose text only enters its attention (`costmodel.flops.text_output`)."""
     model, cluster, config = st.model, st.cluster, st.config
     u, r = config.ulysses, config.ring
     b = model.dtype_bytes
@@ -102,14 +103,15 @@ def block_cost(st: Setup, kind: str, image_tokens: int, text_tokens: int, skip_l
     # Latte's spatial blocks attend within each frame: one sequence per frame, of that frame's tokens.
     groups = st.frames_tokens if model.has_temporal_blocks else 1
     work = BlockWork(kind, st.batch, image_tokens, text_rows, max(1, queries // groups), max(1, full_keys // groups),
-                     1.0 / u, skip_linear, attn_groups=groups)
+                     1.0 / u, skip_linear, attn_groups=groups, text_output=carries_text)
     hw = cluster.hardware
     attention = None
     extra_gpu = 0.0
     extra_ops = 0
     if r > 1 and model.linear_attention:
         # The rank's queries are its own ring shard; the summaries of the others arrive by r-1 hops.
-        work = BlockWork(kind, st.batch, image_tokens, text_rows, queries, queries, 1.0 / u, skip_linear)
+        work = BlockWork(kind, st.batch, image_tokens, text_rows, queries, queries, 1.0 / u, skip_linear,
+                         text_output=carries_text)
         summary_bytes = st.batch * (model.num_heads / u) * (model.head_dim + 1) * model.head_dim * 4
         hop, tier = cluster.comm_time("p2p", st.groups["ring"], summary_bytes)
         comm += (r - 1) * hop
@@ -169,14 +171,14 @@ def block_cost(st: Setup, kind: str, image_tokens: int, text_tokens: int, skip_l
 def sequence_cost(st: Setup, blocks: list[tuple[int, str]], image_tokens: int, text_tokens: int,
                    text_split: bool = False, stale_kv: bool = False) -> BlockCost:
     """Sum of `_block_cost` over (block index, kind) pairs, computing each distinct block once."""
-    counts: dict[tuple[str, bool], int] = {}
+    counts: dict[tuple[str, bool, bool], int] = {}
     half = st.model.num_blocks // 2
     for index, kind in blocks:
-        key = (kind, st.model.skip_connections and index > half)
+        key = (kind, st.model.skip_connections and index > half, text_output(st.model, index, kind))
         counts[key] = counts.get(key, 0) + 1
     total = BlockCost(0.0, 0.0, {})
-    for (kind, skip), count in counts.items():
-        cost = block_cost(st, kind, image_tokens, text_tokens, skip, text_split, stale_kv)
+    for (kind, skip, carries_text), count in counts.items():
+        cost = block_cost(st, kind, image_tokens, text_tokens, skip, text_split, stale_kv, carries_text)
         total.compute += count * cost.compute
         total.comm += count * cost.comm
         for tier, seconds in cost.tiers.items():

@@ -45,6 +45,9 @@ FUSED_SINGLE_FAMILIES = ("flux", "hunyuan-video")
 # depthwise 3x3 convolution over the token grid, SiLU gating and a 1x1 convolution back.
 GLU_CONV_FAMILIES = ("sana",)
 DEPTHWISE_TAPS = 9
+# Families whose last joint block only feeds the text into its attention (diffusers' SD3 blocks with
+# `context_pre_only`): the text's q/k/v projection runs, its output projection and MLP do not.
+CONTEXT_PRE_ONLY_FAMILIES = ("sd3",)
 DEFAULT_KERNELS_AND_PASSES: dict[str, tuple[float, float]] = {
     "cross": (31, 41.0), "joint": (50.4, 41.9), "single": (50, 125.5), "temporal": (23, 35.4),
 }
@@ -57,6 +60,13 @@ def kernels_and_passes(model: ModelSpec, kind: str) -> tuple[float, float]:
         if group.kind == kind and group.kernels is not None and group.passes is not None:
             return group.kernels, group.passes
     return KERNELS_AND_PASSES.get((model.family, kind), DEFAULT_KERNELS_AND_PASSES[kind])
+
+
+def text_output(model: ModelSpec, index: int, kind: str) -> bool:
+    """Whether block `index` (of `kind`) carries the joint text on past its attention."""
+    if kind != "joint" or model.family not in CONTEXT_PRE_ONLY_FAMILIES:
+        return True
+    return index != max(i for i, k in enumerate(model.block_sequence) if k == "joint")
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ class BlockWork:
     head_fraction: float  # share of the heads this rank computes attention for (1/ulysses)
     skip_linear: bool = False  # HunyuanDiT: this block fuses a long skip (a 2h -> h linear)
     attn_groups: int = 1  # independent attention sequences per sample (Latte: frames, or positions)
+    text_output: bool = True  # False: the joint text only enters the attention (`text_output`)
 
 
 @dataclass(frozen=True)
@@ -137,7 +148,10 @@ def block_ops(model: ModelSpec, work: BlockWork) -> BlockOps:
         attention_and_mlp(img)
     elif work.kind == "joint":
         attention_and_mlp(img)
-        attention_and_mlp(txt)
+        if work.text_output:
+            attention_and_mlp(txt)
+        else:
+            gemms.append((txt, h, 3 * h))
     elif work.kind == "single":
         if model.family in FUSED_SINGLE_FAMILIES:  # fused qkv + MLP-in, then fused out over [attention, MLP]
             gemms.extend([(img + txt, h, 3 * h + mlp), (img + txt, h + mlp, h)])
@@ -209,7 +223,8 @@ def per_block_flops(model: ModelSpec, height: int, width: int, frames: int) -> l
             work = BlockWork(kind, batch, tokens, 0, per_frame, per_frame, 1.0, attn_groups=tframes)
         else:
             skip = model.skip_connections and index > half
-            work = BlockWork(kind, batch, tokens, text, tokens + text, tokens + text, 1.0, skip)
+            work = BlockWork(kind, batch, tokens, text, tokens + text, tokens + text, 1.0, skip,
+                             text_output=text_output(model, index, kind))
         blocks.append((kind, block_flops(model, work)))
     return blocks
 

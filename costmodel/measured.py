@@ -18,6 +18,8 @@ per-collective communication tables:
           - {head_dim: 64, points: [[flops, seconds], ...]} # inner loop length sets their rate)
         elementwise: {points: [[bytes, seconds], ...]}      # one pass (a read or a write) of a tensor
         activation: {points: [[elements, seconds], ...]}    # tanh-GELU of the MLP's hidden activation
+      straggle:                      # share of a segment of compute that synchronized ranks wait for
+        - {ranks: 2, points: [[segment_seconds, fraction], ...]}  # the slowest (costmodel.straggle)
 
 When the operation tables are present they replace the hardware's roofline for GEMMs, attention
 and elementwise passes (interpolated in log-log space by size, as the communication tables are),
