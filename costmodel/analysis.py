@@ -210,7 +210,8 @@ def plot_timeline(timelines: Mapping[str, Any], *, title: str = "Simulated per-r
 
 
 def plot_breakdown(frame: Any, *, title: str = "Where the time goes", path: str | None = None):
-    """Horizontal stacked bars of a `breakdown_frame`: compute, warmup, bubbles, communication per tier.
+    """Horizontal stacked bars of a `breakdown_frame`: compute, warmup, bubbles, waiting for the slowest
+    rank (profiled clusters), communication per tier.
 
     Returns the matplotlib Figure (saved to `path` if given).
     """

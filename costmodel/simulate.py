@@ -6,8 +6,9 @@ closed form (`costmodel.pipefusion_sim`), memory (`costmodel.memory`) and the ti
 (`costmodel.trace`). CFG: each half of the guidance batch on its own ranks, one all-gather of the
 noise prediction per step. DP: replicas on other prompts; no communication, but their groups share
 links with ours. On a profiled machine whose ranks' speed jitters, each exchange also waits for the
-slowest rank (`costmodel.straggle`; `straggle_s` in the breakdown). `latency_s` is the denoising loop; `end_to_end_s` adds text encoding, the VAE decode
-and the transfers between them (`costmodel.pipeline_stages`).
+slowest rank (`costmodel.straggle`; `straggle_s` in the breakdown). `latency_s` is the denoising
+loop; `end_to_end_s` adds text encoding, the VAE decode and the transfers between them
+(`costmodel.pipeline_stages`).
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ receives from the previous), its input slab for all-gather.
 The same processes then measure how long synchronized ranks wait for the slowest of them: each
 runs the same GEMMs for a segment of a given length, then all of them exchange one number, over and
 over. Where the ranks' speed jitters (CPU cores shared with other work), every exchange waits for
-the slower rank, so a segment plus its exchange takes longer than the ranks' mean compute plus the
-exchange alone; the excess over the mean compute, per segment length, is the straggle table.
+the slowest rank; what that costs, as a fraction of the segment, per segment length, is the
+straggle table (see `_straggle`).
 """
 from __future__ import annotations
 
