@@ -19,8 +19,8 @@ round on 2 cores).
 
 Nothing here is fitted to these runs: the predictions use only the profile's measurements (GEMM,
 attention, elementwise and activation curves, per-operator host cost, gloo tables, the wait for the
-slowest of two synchronized processes) and the model YAML. Measured = the denoising loop of run.json (`latency.loop_s`), the quantity `latency_s`
-predicts. Runs are traced (`ditplan run --trace`), so run.json carries each rank's measured
+slowest of two synchronized processes) and the model YAML. Measured = the denoising loop of run.json
+(`latency.loop_s`), the quantity `latency_s` predicts. Runs are traced (`ditplan run --trace`), so run.json carries each rank's measured
 compute, communication and waiting, which the per-component figures compare with the prediction's;
 `--compute-split` adds a load-independent compute check for every configuration: the CPU time the
 run's processes spend per denoising step (the difference between a 3-step and a full run, so start-up

@@ -62,11 +62,16 @@ def kernels_and_passes(model: ModelSpec, kind: str) -> tuple[float, float]:
     return KERNELS_AND_PASSES.get((model.family, kind), DEFAULT_KERNELS_AND_PASSES[kind])
 
 
+@lru_cache(maxsize=256)
+def _last_joint(sequence: tuple[str, ...]) -> int:
+    return len(sequence) - 1 - sequence[::-1].index("joint")
+
+
 def text_output(model: ModelSpec, index: int, kind: str) -> bool:
     """Whether block `index` (of `kind`) carries the joint text on past its attention."""
     if kind != "joint" or model.family not in CONTEXT_PRE_ONLY_FAMILIES:
         return True
-    return index != max(i for i, k in enumerate(model.block_sequence) if k == "joint")
+    return index != _last_joint(model.block_sequence)  # every block cost asks; the answer is per model
 
 
 @dataclass(frozen=True)
